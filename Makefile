@@ -1,0 +1,62 @@
+# The two commands of the book: `make book` and `make test`.
+# Both create .venv on first use and install only when pyproject.toml changed.
+
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+# Per-cell timeout of the book build: real training cells must fit (seconds).
+JB_FLAGS := -W -n --keep-going
+QUICK_BUILD := _build/quick
+
+.PHONY: help install test test-lib test-nbs test-book check-notebooks book clean strip
+
+help:
+	@echo "make book   - create .venv, install, execute every chapter, write _build/html"
+	@echo "make test   - create .venv, install, run pytest, nbval (quick mode) and a quick -W book build"
+	@echo "make strip  - clear outputs and execution counts of every notebook in nbs/"
+	@echo "make clean  - remove build outputs (keeps .venv)"
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+
+$(STAMP): pyproject.toml tools/install_torch.py | $(PY)
+	$(PY) tools/install_torch.py
+	$(PY) -m pip install --quiet -e ".[book,test]"
+	@touch $@
+
+install: $(STAMP)
+
+# ---- make test -------------------------------------------------------------
+test: install check-notebooks test-lib test-nbs test-book
+	@echo "make test: all checks passed"
+
+check-notebooks: install
+	$(PY) tools/check_notebooks.py nbs
+
+test-lib: install
+	$(PY) -m pytest tests -n 2 -q
+
+# Notebooks read DDPM_BOOK_QUICK through ddpm_lib.book; stripped notebooks are executed,
+# so the assertions inside their cells are the checks.
+test-nbs: install
+	DDPM_BOOK_QUICK=1 $(PY) -m pytest --nbval-lax nbs -q -p no:randomly
+
+# Quick-mode build into its own folder so its cached (quick) outputs never reach `make book`.
+test-book: install
+	rm -rf $(QUICK_BUILD)
+	DDPM_BOOK_QUICK=1 $(VENV)/bin/jupyter-book build . $(JB_FLAGS) --path-output $(QUICK_BUILD)
+	test -f $(QUICK_BUILD)/_build/html/index.html
+
+# ---- make book -------------------------------------------------------------
+book: install
+	$(VENV)/bin/jupyter-book build . $(JB_FLAGS)
+	test -f _build/html/index.html
+	@echo "open _build/html/index.html"
+
+strip: install
+	$(VENV)/bin/jupyter nbconvert --clear-output --inplace nbs/*.ipynb
+
+clean:
+	rm -rf _build

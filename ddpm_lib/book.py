@@ -1,0 +1,45 @@
+"""Switches shared by every notebook of the book.
+
+The chapters read their size from here instead of each parsing the environment:
+``DDPM_BOOK_QUICK=1`` (set by ``make test``) switches every chapter to a small, fast
+configuration that still executes every cell and every assertion.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import TypeVar
+
+import torch
+
+__all__ = ["QUICK_ENV", "quick_mode", "pick", "default_device", "generator"]
+
+QUICK_ENV = "DDPM_BOOK_QUICK"
+_T = TypeVar("_T")
+
+
+def quick_mode() -> bool:
+    """True when the environment variable ``DDPM_BOOK_QUICK`` is set to 1/true/yes/on."""
+    value = os.environ.get(QUICK_ENV, "").strip().lower()
+    if value in ("", "0", "false", "no", "off"):
+        return False
+    if value in ("1", "true", "yes", "on"):
+        return True
+    raise ValueError(f"{QUICK_ENV} must be one of 1/0/true/false/yes/no/on/off, got {value!r}")
+
+
+def pick(quick: _T, full: _T) -> _T:
+    """Return ``quick`` in quick mode, ``full`` otherwise (e.g. ``steps = pick(200, 20_000)``)."""
+    return quick if quick_mode() else full
+
+
+def default_device() -> torch.device:
+    """CUDA when available (Colab with a GPU), else the CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def generator(seed: int, device: torch.device | str = "cpu") -> torch.Generator:
+    """A ``torch.Generator`` on ``device`` seeded with ``seed``: the book's only source of randomness."""
+    g = torch.Generator(device=device)
+    g.manual_seed(seed)
+    return g
