@@ -1,0 +1,340 @@
+"""The Gaussian diffusion process: forward marginals, reverse posterior, model outputs.
+
+Chapters 2-4 and 7 derive every formula here. ``GaussianDiffusion`` holds the schedule in
+float64 and the formulas that read it; the losses and the likelihood bound live in
+``ddpm_lib.losses`` and are reachable as thin methods here. Samplers live in
+``ddpm_lib.samplers`` and only call the methods below.
+
+Conventions
+-----------
+* ``t`` is always a LongTensor [B] of 0-based indices into THIS chain: index t is the
+  papers' step t + 1 (t = 0 is the first noising step, x_0 is the data).
+* A model is called as ``model(x_t, model_t, **model_kwargs)`` where ``model_t`` holds
+  ORIGINAL-schedule timesteps (``self.timesteps[t]``), so a respaced chain feeds the model
+  the timesteps it was trained on (pitfall 10).
+* Data live in [-1, 1].
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import Tensor
+
+from ddpm_lib import losses
+from ddpm_lib.schedules import check_betas, get_betas, respace_betas
+
+__all__ = ["extract", "GaussianDiffusion", "VARIANCES", "PREDICTIONS"]
+
+VARIANCES = ("fixed_small", "fixed_large", "learned_range")
+PREDICTIONS = ("eps", "x0", "v")
+
+
+def _check_choice(kind: str, value: str, allowed: Sequence[str]) -> None:
+    if value not in allowed:
+        raise ValueError(f"unknown {kind} {value!r}; allowed: {list(allowed)}")
+
+
+def extract(a: Tensor, t: Tensor, x: Tensor) -> Tensor:
+    """``a[t]`` cast to x's dtype and device, shaped [B, 1, ..., 1] to broadcast against x.
+
+    The one indexing helper (STYLE 5): every per-timestep coefficient is read through it,
+    so schedules stay float64 until the moment of use. ``a`` is 1-D [T]; ``t`` an integer
+    tensor [B] with 0 <= t < T and B = x.shape[0].
+    """
+    if not isinstance(t, Tensor) or t.dtype in (torch.bool,) or t.is_floating_point() or t.is_complex():
+        raise ValueError(f"t must be an integer tensor (LongTensor), got {getattr(t, 'dtype', type(t))}")
+    if t.ndim != 1 or t.shape[0] != x.shape[0]:
+        raise ValueError(f"t must have shape [B] = [{x.shape[0]}] to match x, got {tuple(t.shape)}")
+    if t.numel() and (t.min() < 0 or t.max() >= a.shape[0]):
+        raise ValueError(
+            f"timestep out of range: t must lie in [0, {a.shape[0]}), got min {t.min().item()}, max {t.max().item()}"
+        )
+    out = a.to(x.device)[t.to(x.device)].to(x.dtype)
+    return out.reshape(x.shape[0], *([1] * (x.ndim - 1)))
+
+
+def _check_same_shape(name_a: str, a: Tensor, name_b: str, b: Tensor) -> None:
+    if a.shape != b.shape:
+        raise ValueError(f"shape mismatch: {name_a} {tuple(a.shape)} vs {name_b} {tuple(b.shape)}")
+
+
+class GaussianDiffusion:
+    """A discrete Gaussian diffusion chain (DDPM, Ho et al. 2020), float64 schedule.
+
+    Args:
+        betas: 1-D schedule [T] in (0, 1) (the last may be 1: zero terminal SNR).
+        timesteps: LongTensor [T], the ORIGINAL-schedule timestep each index of this chain
+            stands for; ``arange(T)`` by default, ``kept`` for a chain made by ``respace``.
+
+    All tensors are float64 on betas' device; ``.to(device)`` returns a moved copy.
+    """
+
+    def __init__(self, betas: Tensor, *, timesteps: Tensor | Sequence[int] | None = None):
+        betas = check_betas(betas)
+        self.T = betas.shape[0]
+        device = betas.device
+        if timesteps is None:
+            timesteps = torch.arange(self.T, device=device)
+        self.timesteps = torch.as_tensor(timesteps, dtype=torch.long, device=device).reshape(-1)
+        if self.timesteps.shape[0] != self.T:
+            raise ValueError(f"timesteps must have length T = {self.T}, got {self.timesteps.shape[0]}")
+
+        # The forward chain q(x_t | x_{t-1}) = N(sqrt(alpha_t) x_{t-1}, beta_t I)  (DDPM eq. 2).
+        self.betas = betas
+        self.alphas = 1.0 - betas
+        self.alphas_cumprod = torch.cumprod(self.alphas, dim=0)
+        # alpha_bar_{t-1}: 1 before the first step; alpha_bar_{t+1}: 0 after the last.
+        self.alphas_cumprod_prev = torch.cat([betas.new_ones(1), self.alphas_cumprod[:-1]])
+        self.alphas_cumprod_next = torch.cat([self.alphas_cumprod[1:], betas.new_zeros(1)])
+
+        # The marginal q(x_t | x_0) = N(sqrt(alpha_bar_t) x_0, (1 - alpha_bar_t) I)  (DDPM eq. 4).
+        self.sqrt_alphas_cumprod = self.alphas_cumprod.sqrt()
+        self.sqrt_one_minus_alphas_cumprod = (1.0 - self.alphas_cumprod).sqrt()
+
+        # The posterior q(x_{t-1} | x_t, x_0) = N(coef1 x_0 + coef2 x_t, beta_tilde_t I)  (DDPM eq. 6-7).
+        one_minus_ab = 1.0 - self.alphas_cumprod
+        self.posterior_variance = betas * (1.0 - self.alphas_cumprod_prev) / one_minus_ab
+        # beta_tilde at index 0 is exactly 0 (x_0 is known), so log would be -inf: use
+        # beta_tilde at index 1 in its place, as the reference code does (pitfall 5). A 1-step
+        # chain has no index 1; there the step's own beta stands in.
+        first = self.posterior_variance[1:2] if self.T > 1 else betas[:1]
+        self.posterior_log_variance_clipped = torch.cat([first, self.posterior_variance[1:]]).log()
+        self.posterior_mean_coef1 = self.alphas_cumprod_prev.sqrt() * betas / one_minus_ab
+        self.posterior_mean_coef2 = self.alphas.sqrt() * (1.0 - self.alphas_cumprod_prev) / one_minus_ab
+
+    # --- construction -----------------------------------------------------------------
+
+    @classmethod
+    def from_name(cls, name: str, T: int = 1000, **kwargs) -> "GaussianDiffusion":
+        """Chain with a named schedule (``"linear"`` or ``"cosine"``; see ``schedules.get_betas``)."""
+        return cls(get_betas(name, T, **kwargs))
+
+    @property
+    def num_timesteps(self) -> int:
+        """Number of steps of this chain (alias of ``T``)."""
+        return self.T
+
+    def respace(self, kept: Sequence[int] | Tensor) -> "GaussianDiffusion":
+        """The shorter chain through the steps ``kept`` (indices into THIS chain, strictly
+        increasing, e.g. from ``schedules.space_timesteps``), with betas recomputed by
+        ``respace_betas`` so its marginals at the kept steps are unchanged (improved DDPM,
+        sec. 4). Its ``timesteps`` are the ORIGINAL timesteps of the kept steps.
+        """
+        kept = torch.as_tensor(kept, dtype=torch.long, device=self.betas.device).reshape(-1)
+        return GaussianDiffusion(respace_betas(self.betas, kept), timesteps=self.timesteps[kept])
+
+    def to(self, device: torch.device | str) -> "GaussianDiffusion":
+        """A copy with every tensor on ``device`` (self is not modified)."""
+        moved = copy.copy(self)
+        for name, value in vars(self).items():
+            if isinstance(value, Tensor):
+                setattr(moved, name, value.to(device))
+        return moved
+
+    def __repr__(self) -> str:
+        return f"GaussianDiffusion(T={self.T}, device={self.betas.device})"
+
+    # --- forward process: q(x_t | x_0) and q(x_{t-1} | x_t, x_0) -----------------------
+
+    def q_mean_variance(self, x0: Tensor, t: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Mean, variance and log-variance of q(x_t | x_0) (DDPM eq. 4); each broadcastable to x0."""
+        mean = self.sqrt_ab(t, x0)[0] * x0
+        variance = extract(1.0 - self.alphas_cumprod, t, x0)
+        log_variance = extract((1.0 - self.alphas_cumprod).log(), t, x0)
+        return mean, variance, log_variance
+
+    def q_sample(
+        self, x0: Tensor, t: Tensor, noise: Tensor | None = None, *, generator: torch.Generator | None = None
+    ) -> Tensor:
+        """Draw x_t ~ q(x_t | x_0): sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps (DDPM eq. 4).
+
+        Pass the noise eps (same shape as x0) or a ``generator`` to draw it from.
+        """
+        if noise is None:
+            if generator is None:
+                raise ValueError("q_sample needs noise= or generator= (no hidden global RNG)")
+            noise = torch.randn(x0.shape, generator=generator, dtype=x0.dtype, device=x0.device)
+        _check_same_shape("x0", x0, "noise", noise)
+        sqrt_ab, sqrt_1m_ab = self.sqrt_ab(t, x0)
+        return sqrt_ab * x0 + sqrt_1m_ab * noise
+
+    def q_posterior_mean(self, x0: Tensor, x_t: Tensor, t: Tensor) -> Tensor:
+        """Mean of q(x_{t-1} | x_t, x_0): coef1 x_0 + coef2 x_t (DDPM eq. 7)."""
+        _check_same_shape("x0", x0, "x_t", x_t)
+        return extract(self.posterior_mean_coef1, t, x_t) * x0 + extract(self.posterior_mean_coef2, t, x_t) * x_t
+
+    def q_posterior_mean_variance(self, x0: Tensor, x_t: Tensor, t: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Mean, variance beta_tilde_t and clipped log-variance of q(x_{t-1} | x_t, x_0) (DDPM eq. 6-7).
+
+        At t = 0 the variance is 0 and the log-variance is log beta_tilde of index 1 (pitfall 5).
+        """
+        mean = self.q_posterior_mean(x0, x_t, t)
+        return mean, extract(self.posterior_variance, t, x_t), extract(self.posterior_log_variance_clipped, t, x_t)
+
+    # --- conversions between eps, x0 and v (from x_t = sqrt(ab) x0 + sqrt(1-ab) eps) ---
+
+    def sqrt_ab(self, t: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
+        """(sqrt(alpha_bar_t), sqrt(1 - alpha_bar_t)), each [B, 1, ..., 1] in x's dtype: the signal
+        and noise scales of q(x_t | x_0) that every conversion below reads."""
+        return extract(self.sqrt_alphas_cumprod, t, x), extract(self.sqrt_one_minus_alphas_cumprod, t, x)
+
+    def predict_x0_from_eps(self, x_t: Tensor, t: Tensor, eps: Tensor) -> Tensor:
+        """x0_hat = (x_t - sqrt(1 - alpha_bar_t) eps) / sqrt(alpha_bar_t)  (DDPM eq. 4 inverted; eq. 15)."""
+        sqrt_ab, sqrt_1m_ab = self.sqrt_ab(t, x_t)
+        return (x_t - sqrt_1m_ab * eps) / sqrt_ab
+
+    def predict_eps_from_x0(self, x_t: Tensor, t: Tensor, x0: Tensor) -> Tensor:
+        """eps_hat = (x_t - sqrt(alpha_bar_t) x0) / sqrt(1 - alpha_bar_t); finite even at alpha_bar = 0."""
+        sqrt_ab, sqrt_1m_ab = self.sqrt_ab(t, x_t)
+        return (x_t - sqrt_ab * x0) / sqrt_1m_ab
+
+    def predict_v(self, x0: Tensor, t: Tensor, eps: Tensor) -> Tensor:
+        """v = sqrt(alpha_bar_t) eps - sqrt(1 - alpha_bar_t) x0  (Salimans & Ho 2022, sec. 4)."""
+        sqrt_ab, sqrt_1m_ab = self.sqrt_ab(t, x0)
+        return sqrt_ab * eps - sqrt_1m_ab * x0
+
+    def predict_x0_from_v(self, x_t: Tensor, t: Tensor, v: Tensor) -> Tensor:
+        """x0_hat = sqrt(alpha_bar_t) x_t - sqrt(1 - alpha_bar_t) v  (Salimans & Ho 2022, appendix D)."""
+        sqrt_ab, sqrt_1m_ab = self.sqrt_ab(t, x_t)
+        return sqrt_ab * x_t - sqrt_1m_ab * v
+
+    def predict_eps_from_v(self, x_t: Tensor, t: Tensor, v: Tensor) -> Tensor:
+        """eps_hat = sqrt(1 - alpha_bar_t) x_t + sqrt(alpha_bar_t) v  (Salimans & Ho 2022)."""
+        sqrt_ab, sqrt_1m_ab = self.sqrt_ab(t, x_t)
+        return sqrt_1m_ab * x_t + sqrt_ab * v
+
+    # --- the reverse model p(x_{t-1} | x_t) ---------------------------------------------
+
+    def split_model_output(self, model_output: Tensor, x_t: Tensor, variance: str) -> tuple[Tensor, Tensor | None]:
+        """(prediction, variance values v or None): a ``learned_range`` model outputs 2C
+        channels along dim 1, the prediction first and v in [-1, 1] last (improved DDPM)."""
+        _check_choice("variance", variance, VARIANCES)
+        if variance != "learned_range":
+            _check_same_shape("model output", model_output, "x_t", x_t)
+            return model_output, None
+        expected = (x_t.shape[0], 2 * x_t.shape[1], *x_t.shape[2:])
+        if tuple(model_output.shape) != expected:
+            raise ValueError(
+                f"learned_range needs a model output of shape {expected} (2C channels), got {tuple(model_output.shape)}"
+            )
+        pred, v = model_output.chunk(2, dim=1)
+        return pred, v
+
+    def model_variance(
+        self, t: Tensor, x_t: Tensor, variance: str, var_values: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """Variance and log-variance of p(x_{t-1} | x_t), broadcastable to x_t.
+
+        * ``fixed_small``: beta_tilde_t, log clipped at index 0 (DDPM sec. 3.2, lower bound).
+        * ``fixed_large``: beta_t, except beta_tilde of index 1 at index 0, as the reference
+          code does, so the decoder term is not dominated by the tiny beta_1 (DDPM upper bound).
+        * ``learned_range``: exp(frac log beta_t + (1 - frac) log beta_tilde_t), frac = (v + 1) / 2
+          (improved DDPM eq. 15). v is not clamped, as in the reference code.
+        """
+        _check_choice("variance", variance, VARIANCES)
+        if variance == "fixed_small":
+            log_var = extract(self.posterior_log_variance_clipped, t, x_t)
+            return extract(self.posterior_variance, t, x_t), log_var
+        if variance == "fixed_large":
+            large = torch.cat([self.posterior_variance[1:2] if self.T > 1 else self.betas[:1], self.betas[1:]])
+            return extract(large, t, x_t), extract(large.log(), t, x_t)
+        if var_values is None:
+            raise ValueError("learned_range needs the model's variance values")
+        frac = (var_values + 1) / 2
+        log_beta = extract(self.betas.log(), t, x_t)
+        log_beta_tilde = extract(self.posterior_log_variance_clipped, t, x_t)
+        log_var = frac * log_beta + (1 - frac) * log_beta_tilde
+        return log_var.exp(), log_var
+
+    def pred_x0_eps(self, pred: Tensor, x_t: Tensor, t: Tensor, prediction: str) -> tuple[Tensor, Tensor]:
+        """(x0_hat, eps_hat) from a model's prediction of eps, x0 or v (the one conversion boundary)."""
+        _check_choice("prediction", prediction, PREDICTIONS)
+        if prediction == "eps":
+            return self.predict_x0_from_eps(x_t, t, pred), pred
+        if prediction == "x0":
+            return pred, self.predict_eps_from_x0(x_t, t, pred)
+        return self.predict_x0_from_v(x_t, t, pred), self.predict_eps_from_v(x_t, t, pred)
+
+    def p_mean_variance_from_output(
+        self,
+        model_output: Tensor,
+        x_t: Tensor,
+        t: Tensor,
+        *,
+        variance: str = "fixed_small",
+        prediction: str = "eps",
+        clip_denoised: bool = False,
+    ) -> dict[str, Tensor]:
+        """``p_mean_variance`` for a model output already computed (see there)."""
+        pred, var_values = self.split_model_output(model_output, x_t, variance)
+        var, log_var = self.model_variance(t, x_t, variance, var_values)
+        # 1. predict x0 (and eps) from the model's output
+        x0_hat, eps_hat = self.pred_x0_eps(pred, x_t, t, prediction)
+        # 2. optionally clip x0 to the data range and make eps agree with it (pitfall 3)
+        if clip_denoised:
+            x0_hat = x0_hat.clamp(-1.0, 1.0)
+            eps_hat = self.predict_eps_from_x0(x_t, t, x0_hat)
+        # 3. the mean of p is the posterior mean with x0 replaced by its prediction (DDPM eq. 11)
+        mean = self.q_posterior_mean(x0_hat, x_t, t)
+        return {
+            "mean": mean,
+            "variance": var.expand_as(x_t) if var.shape != x_t.shape else var,
+            "log_variance": log_var.expand_as(x_t) if log_var.shape != x_t.shape else log_var,
+            "pred_x0": x0_hat,
+            "pred_eps": eps_hat,
+            "model_output": model_output,
+        }
+
+    def p_mean_variance(
+        self,
+        model: Callable[..., Tensor],
+        x_t: Tensor,
+        t: Tensor,
+        *,
+        model_t: Tensor | None = None,
+        variance: str = "fixed_small",
+        prediction: str = "eps",
+        clip_denoised: bool = False,
+        model_kwargs: dict | None = None,
+    ) -> dict[str, Tensor]:
+        """Mean and variance of the reverse step p(x_{t-1} | x_t) (DDPM eq. 1, 11; improved DDPM eq. 15).
+
+        Calls ``model(x_t, model_t, **model_kwargs)``. ``model_t`` defaults to
+        ``self.timesteps[t]``: the ORIGINAL timesteps, so on a respaced chain the model
+        still sees the timesteps it was trained with, not the indices ``t`` of this chain.
+
+        Args:
+            x_t: [B, C, ...]; t: LongTensor [B] of indices into this chain.
+            variance: ``"fixed_small"`` | ``"fixed_large"`` | ``"learned_range"``.
+            prediction: what the model predicts, ``"eps"`` | ``"x0"`` | ``"v"``.
+            clip_denoised: clamp x0_hat to [-1, 1] and re-derive eps_hat from it (pitfall 3).
+
+        Returns a dict with ``mean``, ``variance``, ``log_variance`` (all shaped like x_t),
+        ``pred_x0``, ``pred_eps`` and the raw ``model_output``.
+        """
+        _check_choice("variance", variance, VARIANCES)
+        _check_choice("prediction", prediction, PREDICTIONS)
+        if model_t is None:
+            extract(self.betas, t, x_t)  # validates t before it indexes anything
+            model_t = self.timesteps.to(x_t.device)[t.to(x_t.device)]
+        model_output = model(x_t, model_t, **(model_kwargs or {}))
+        return self.p_mean_variance_from_output(
+            model_output, x_t, t, variance=variance, prediction=prediction, clip_denoised=clip_denoised
+        )
+
+    # --- losses and likelihood (ddpm_lib.losses) ---------------------------------------
+
+    def training_losses(self, model, x0, t, noise=None, **kwargs) -> dict[str, Tensor]:
+        """Per-example training losses; see ``ddpm_lib.losses.training_losses``."""
+        return losses.training_losses(self, model, x0, t, noise, **kwargs)
+
+    def prior_bpd(self, x0: Tensor) -> Tensor:
+        """KL(q(x_T | x_0) || N(0, I)) in bits per dimension [B]; see ``ddpm_lib.losses.prior_bpd``."""
+        return losses.prior_bpd(self, x0)
+
+    def nll_bits_per_dim(self, model, x0, **kwargs) -> dict[str, Tensor]:
+        """Variational bound on -log p(x_0) in bits/dim; see ``ddpm_lib.losses.nll_bits_per_dim``."""
+        return losses.nll_bits_per_dim(self, model, x0, **kwargs)

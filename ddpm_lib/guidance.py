@@ -1,0 +1,136 @@
+r"""Guidance as eps-model wrappers: classifier-free, classifier and loss guidance (chapters 10-12).
+
+Each function returns a new eps-model ``guided(x_t, t, y=None) -> eps`` with the package's
+calling convention (``t`` a LongTensor [B] of ORIGINAL timesteps), so every sampler in
+``ddpm_lib.samplers`` works with every guidance. All three are the same move in the score
+view (book chapter 10, "Bayes on scores"): since
+:math:`\varepsilon = -\sqrt{1-\bar\alpha_t}\,\nabla_{x_t}\log p_t(x_t)`, adding a term
+:math:`\nabla_{x_t}\log r(x_t)` to the score subtracts :math:`\sqrt{1-\bar\alpha_t}\nabla_{x_t}\log r(x_t)`
+from eps. :math:`\bar\alpha_t` is looked up by ORIGINAL timestep in the diffusion the wrapper
+was given (``samplers.alpha_bar_at``), so a wrapper built on the full T-step chain works
+unchanged inside respaced and DDIM samplers.
+
+A learned-variance model (output with 2C channels) keeps its variance channels: the
+guidance acts on the eps half (``samplers.split_eps``), as in GLIDE.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+from ddpm_lib.samplers import alpha_bar_at, split_eps
+
+__all__ = ["classifier_free", "classifier_guidance", "loss_guidance"]
+
+
+def _labels(y, x_t: Tensor) -> Tensor:
+    if y is None:
+        raise ValueError("guidance needs labels: call the guided model with y=LongTensor [B] (or an int)")
+    return torch.as_tensor(y, dtype=torch.long, device=x_t.device).reshape(-1).expand(x_t.shape[0])
+
+
+def _alpha_bar(diffusion, t: Tensor, x_t: Tensor) -> Tensor:
+    # abar_t at ORIGINAL timesteps, float64 on x's device, shaped [B, 1, ...]; cast at use
+    return alpha_bar_at(diffusion, t).to(x_t.device).reshape(-1, *([1] * (x_t.ndim - 1)))
+
+
+def _with_rest(eps: Tensor, rest: Tensor | None) -> Tensor:
+    return eps if rest is None else torch.cat([eps, rest], dim=1)
+
+
+def classifier_free(model: Callable[..., Tensor], w: float, null_label: int) -> Callable[..., Tensor]:
+    r"""Classifier-free guidance (Ho & Salimans 2022, eq. 6; book chapter 11):
+
+    .. math:: \tilde\varepsilon(x_t, t, y) = (1 + w)\,\varepsilon(x_t, t, y) - w\,\varepsilon(x_t, t, \varnothing).
+
+    ``w = 0`` is the plain conditional model; ``w > 0`` sharpens towards the implicit
+    classifier :math:`p(y \mid x_t) \propto p(x_t \mid y)/p(x_t)`. The "guidance scale" ``s`` of
+    other codebases (GLIDE, Stable Diffusion) is ``s = 1 + w`` (pitfall 10). ``null_label`` is
+    the label reserved for "no condition", used with label dropout in training (pitfall 8).
+    Both evaluations run as ONE forward pass on the concatenated batch [x; x].
+    """
+
+    def guided(x_t: Tensor, t: Tensor, y=None) -> Tensor:
+        y = _labels(y, x_t)
+        null = torch.full_like(y, null_label)
+        out = model(torch.cat([x_t, x_t]), torch.cat([t, t]), y=torch.cat([y, null]))
+        cond, uncond = out.chunk(2)
+        eps_cond, rest = split_eps(cond, x_t)
+        eps_uncond, _ = split_eps(uncond, x_t)
+        return _with_rest(eps_cond + w * (eps_cond - eps_uncond), rest)
+
+    return guided
+
+
+def _grad_log_prob(classifier: Callable[[Tensor, Tensor], Tensor], x_t: Tensor, t: Tensor, y: Tensor) -> Tensor:
+    r""":math:`\nabla_{x_t}\log p_\phi(y \mid x_t, t)` (log-softmax of the logits), even under ``no_grad``."""
+    with torch.enable_grad():
+        x = x_t.detach().requires_grad_(True)
+        log_probs = classifier(x, t).log_softmax(dim=-1)
+        selected = log_probs.gather(1, y[:, None]).sum()
+        (grad,) = torch.autograd.grad(selected, x)
+    return grad.to(x_t.dtype)
+
+
+def classifier_guidance(
+    model: Callable[..., Tensor],
+    classifier: Callable[[Tensor, Tensor], Tensor],
+    diffusion,
+    scale: float,
+    *,
+    pass_y_to_model: bool = False,
+) -> Callable[..., Tensor]:
+    r"""Classifier guidance (Dhariwal & Nichol 2021, Algorithm 2 and eq. 14; book chapter 10):
+
+    .. math:: \hat\varepsilon(x_t) - \sqrt{1-\bar\alpha_t}\; s\;\nabla_{x_t}\log p_\phi(y \mid x_t, t).
+
+    With s = 1 this is Bayes' rule on scores, :math:`\nabla\log p(x_t \mid y) = \nabla\log p(x_t) + \nabla\log p(y\mid x_t)`:
+    the exact classifier turns the exact unconditional eps into the exact conditional one.
+    ``classifier(x_t, t) -> logits [B, K]`` is trained on noisy inputs; ``diffusion`` is the
+    ORIGINAL chain (its :math:`\bar\alpha` is read at the original ``t``). The model is called
+    without ``y`` unless ``pass_y_to_model`` (guiding a class-conditional model, as ADM also does).
+    """
+
+    def guided(x_t: Tensor, t: Tensor, y=None) -> Tensor:
+        y = _labels(y, x_t)
+        out = model(x_t, t, y=y) if pass_y_to_model else model(x_t, t)
+        eps, rest = split_eps(out, x_t)
+        grad = _grad_log_prob(classifier, x_t, t, y)
+        sqrt_one_minus = (1 - _alpha_bar(diffusion, t, x_t)).sqrt().to(x_t.dtype)
+        return _with_rest(eps - sqrt_one_minus * scale * grad, rest)
+
+    return guided
+
+
+def loss_guidance(
+    model: Callable[..., Tensor], diffusion, loss_fn: Callable[[Tensor], Tensor], scale: float
+) -> Callable[..., Tensor]:
+    r"""Guidance by any differentiable loss on the predicted x0 (semantic guidance, Liu et al.
+    2023, arXiv 2112.05744; "universal guidance"; book chapter 12):
+
+    .. math::
+        \hat\varepsilon(x_t) + \sqrt{1-\bar\alpha_t}\; s\;\nabla_{x_t} \mathcal L\bigl(\hat x_0(x_t)\bigr),\qquad
+        \hat x_0(x_t) = \frac{x_t - \sqrt{1-\bar\alpha_t}\,\hat\varepsilon(x_t)}{\sqrt{\bar\alpha_t}}.
+
+    Sign convention: the guided score is :math:`\nabla\log p_t - s\nabla\mathcal L`, i.e. sampling
+    from :math:`p(x)\,e^{-s\mathcal L}`: guidance LOWERS the loss (it is classifier guidance with
+    :math:`\log p(y \mid x_t)` replaced by :math:`-\mathcal L(\hat x_0(x_t))`). The gradient flows
+    through the model's prediction. ``loss_fn(x0_hat) -> [B]`` (or a scalar; it is summed, so
+    each sample gets the gradient of its own loss). ``y``, if given, is passed to the model.
+    """
+
+    def guided(x_t: Tensor, t: Tensor, y=None) -> Tensor:
+        alpha_bar = _alpha_bar(diffusion, t, x_t)
+        sqrt_one_minus, sqrt_alpha_bar = (1 - alpha_bar).sqrt().to(x_t.dtype), alpha_bar.sqrt().to(x_t.dtype)
+        with torch.enable_grad():
+            x = x_t.detach().requires_grad_(True)
+            out = model(x, t) if y is None else model(x, t, y=y)
+            eps, rest = split_eps(out, x)
+            x0_hat = (x - sqrt_one_minus * eps) / sqrt_alpha_bar
+            (grad,) = torch.autograd.grad(loss_fn(x0_hat).sum(), x)
+        return _with_rest(eps.detach() + sqrt_one_minus * scale * grad.to(x_t.dtype), None if rest is None else rest.detach())
+
+    return guided

@@ -1,0 +1,236 @@
+"""Noise schedules: the betas of the forward process and the grids that shorten it.
+
+Chapter 2 (forward process) introduces the linear schedule and the signal-to-noise ratio;
+chapter 7 (improved DDPM) the cosine schedule and timestep respacing. Every schedule is
+computed in float64 and cast where it is used (``ddpm_lib.diffusion.extract``).
+
+Notation: ``betas[t]`` is beta_{t+1} of the papers (index t = 0 is the first noising step),
+``alpha_bar[t] = prod_{s<=t} (1 - betas[s])``.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "linear_betas",
+    "cosine_betas",
+    "space_timesteps",
+    "respace_betas",
+    "rescale_zero_terminal_snr",
+    "snr",
+    "get_betas",
+    "check_betas",
+    "SCHEDULES",
+]
+
+
+# --- validation -------------------------------------------------------------------------
+
+
+def _check_T(T: object) -> int:
+    if isinstance(T, bool) or not isinstance(T, numbers.Integral) or T < 1:
+        raise ValueError(f"T (the number of diffusion steps) must be an integer >= 1, got {T!r}")
+    return int(T)
+
+
+def check_betas(betas: object) -> Tensor:
+    """Validate a beta schedule and return it as a float64 tensor (on its own device).
+
+    Every beta must lie in (0, 1). The LAST beta may also be exactly 1: that is the
+    zero-terminal-SNR schedule of :func:`rescale_zero_terminal_snr`, whose final step
+    destroys all signal. Anywhere else a beta of 1 would make alpha_bar 0 too early.
+    """
+    betas = torch.as_tensor(betas, dtype=torch.float64)
+    if betas.ndim != 1 or betas.numel() == 0:
+        raise ValueError(f"betas must be a non-empty 1-D tensor, got shape {tuple(betas.shape)}")
+    if not torch.isfinite(betas).all():
+        raise ValueError("betas must be finite")
+    inner_ok = bool(((betas[:-1] > 0) & (betas[:-1] < 1)).all())
+    last_ok = bool(0 < betas[-1] <= 1)
+    if not (inner_ok and last_ok):
+        raise ValueError(
+            "betas must lie in (0, 1) (the last may be exactly 1, for a zero-terminal-SNR "
+            f"schedule); got min {betas.min().item():.3g}, max {betas.max().item():.3g}"
+        )
+    return betas
+
+
+def _alpha_bar(betas: Tensor) -> Tensor:
+    return torch.cumprod(1.0 - betas, dim=0)
+
+
+# --- schedules --------------------------------------------------------------------------
+
+
+def linear_betas(T: int, beta_start: float = 1e-4, beta_end: float = 0.02) -> Tensor:
+    """Linear schedule of DDPM (Ho et al. 2020, sec. 4): betas evenly spaced from
+    ``beta_start`` to ``beta_end``, float64 [T].
+
+    The endpoints are used as given, NOT rescaled by 1000 / T as improved-diffusion does
+    (pitfall 10): with T = 1000 this is exactly the paper's schedule, with small T it keeps
+    the same per-step betas and therefore leaves much more signal at the end.
+    """
+    T = _check_T(T)
+    return check_betas(torch.linspace(beta_start, beta_end, T, dtype=torch.float64))
+
+
+def cosine_betas(T: int, s: float = 0.008, max_beta: float = 0.999) -> Tensor:
+    r"""Cosine schedule of improved DDPM (Nichol & Dhariwal 2021, eq. 17), float64 [T].
+
+    :math:`\bar\alpha(t) = f(t)/f(0)`, :math:`f(t) = \cos^2\bigl(\frac{t/T + s}{1 + s}\cdot\frac{\pi}{2}\bigr)`,
+    and :math:`\beta_t = \min(1 - \bar\alpha(t+1)/\bar\alpha(t),\ \text{max\_beta})` for
+    t = 0..T-1. The offset ``s`` keeps the first betas from being vanishingly small; the clip
+    at 0.999 stops the last beta from being 1, so at T = 1000 alpha_bar_T is about 2.4e-9
+    instead of 0 (pitfall 4).
+    """
+    T = _check_T(T)
+    if not 0 < max_beta <= 1:
+        raise ValueError(f"max_beta must lie in (0, 1], got {max_beta}")
+    if s < 0:
+        raise ValueError(f"s must be >= 0, got {s}")
+    t = torch.arange(T + 1, dtype=torch.float64)
+    f = torch.cos(((t / T + s) / (1 + s)) * (math.pi / 2)) ** 2
+    alpha_bar = f / f[0]
+    betas = (1.0 - alpha_bar[1:] / alpha_bar[:-1]).clamp(max=max_beta)
+    return check_betas(betas)
+
+
+SCHEDULES: dict[str, Callable[..., Tensor]] = {"linear": linear_betas, "cosine": cosine_betas}
+
+
+def get_betas(name: str, T: int, **kwargs) -> Tensor:
+    """Betas of the named schedule (``"linear"`` or ``"cosine"``); ``kwargs`` go to its function."""
+    try:
+        fn = SCHEDULES[name]
+    except (KeyError, TypeError):
+        raise ValueError(f"unknown schedule {name!r}; known schedules: {sorted(SCHEDULES)}") from None
+    return fn(T, **kwargs)
+
+
+def snr(betas: Tensor) -> Tensor:
+    r"""Signal-to-noise ratio :math:`\bar\alpha_t / (1 - \bar\alpha_t)` of q(x_t | x_0), float64 [T]."""
+    alpha_bar = _alpha_bar(check_betas(betas))
+    return alpha_bar / (1.0 - alpha_bar)
+
+
+def rescale_zero_terminal_snr(betas: Tensor) -> Tensor:
+    r"""Betas with zero terminal SNR (Lin et al. 2023, "Common diffusion noise schedules and
+    sample steps are flawed", Algorithm 1), float64 [T].
+
+    Shift and scale :math:`\sqrt{\bar\alpha_t}` so that its last value becomes 0 and its
+    first is unchanged, then recover the betas: the last beta becomes exactly 1. Without this
+    the linear T = 1000 schedule ends at SNR ~4e-5, so training never sees pure noise while
+    sampling starts from it (pitfall 2). With it, eps-prediction is ill-posed at the last
+    step (x_T carries no x_0 to subtract): use v-prediction.
+    """
+    betas = check_betas(betas)
+    if betas.numel() < 2:
+        raise ValueError("rescale_zero_terminal_snr needs at least 2 steps")
+    sqrt_ab = _alpha_bar(betas).sqrt()
+    first, last = sqrt_ab[0].clone(), sqrt_ab[-1].clone()
+    sqrt_ab = (sqrt_ab - last) * (first / (first - last))
+    alpha_bar = sqrt_ab**2
+    alphas = torch.cat([alpha_bar[:1], alpha_bar[1:] / alpha_bar[:-1]])
+    return check_betas(1.0 - alphas)
+
+
+# --- respacing (chapter 7) --------------------------------------------------------------
+
+
+def _ddim_steps(T: int, count: int) -> list[int]:
+    # The smallest integer stride whose grid range(0, T, stride) has exactly `count` points
+    # (improved-diffusion's respace.py). It equals T // count whenever that stride works.
+    for stride in range(1, T + 1):
+        if len(range(0, T, stride)) == count:
+            return list(range(0, T, stride))
+    raise ValueError(f"no integer stride gives exactly {count} steps out of T = {T}")
+
+
+def space_timesteps(T: int, section_counts: str | int | Sequence[int]) -> list[int]:
+    """Original timesteps to keep when shortening a T-step chain (improved DDPM, sec. 4).
+
+    Returns a sorted list of distinct 0-based timesteps of the original chain.
+
+    * ``"ddimN"``: the DDIM grid ``range(0, T, stride)`` with the integer stride that gives
+      exactly N steps (``T // N`` when that works); ValueError if none does. This grid
+      starts at 0 and usually does NOT visit T - 1 (pitfall 1).
+    * a list of ints, an int, or a comma string ``"10,15,20"``: split [0, T) into
+      ``len(counts)`` sections of equal size (the first ``T % len(counts)`` one longer)
+      and take ``count`` steps evenly spaced within each, first and last of the section
+      included, at the fractional stride ``(size - 1) / (count - 1)`` rounded to the nearest
+      integer (as improved-diffusion's ``respace.py``). ValueError if a section has fewer
+      steps than requested.
+
+    Worked example, ``space_timesteps(10, [2, 3])``: sections [0..4] and [5..9] (size 5);
+    the first takes stride 4 -> 0, 4; the second stride 2 -> 5, 7, 9. Result
+    ``[0, 4, 5, 7, 9]``. And ``space_timesteps(1000, "ddim4") == [0, 250, 500, 750]``.
+    """
+    T = _check_T(T)
+    if isinstance(section_counts, str):
+        if section_counts.startswith("ddim"):
+            count = _parse_count(section_counts[len("ddim") :], section_counts)
+            if not 1 <= count <= T:
+                raise ValueError(f"{section_counts!r}: need between 1 and T = {T} steps")
+            return _ddim_steps(T, count)
+        counts = [_parse_count(c, section_counts) for c in section_counts.split(",")]
+    elif isinstance(section_counts, numbers.Integral):
+        counts = [int(section_counts)]
+    else:
+        counts = [int(c) for c in section_counts]
+    if not counts or any(c < 1 for c in counts):
+        raise ValueError(f"section counts must be a non-empty list of ints >= 1, got {section_counts!r}")
+    if len(counts) > T:
+        raise ValueError(f"cannot split T = {T} steps into {len(counts)} sections")
+
+    size_per, extra = divmod(T, len(counts))
+    start, kept = 0, []
+    for i, count in enumerate(counts):
+        size = size_per + (1 if i < extra else 0)
+        if count > size:
+            raise ValueError(f"section {i} has {size} steps, cannot take {count}")
+        stride = 1.0 if count == 1 else (size - 1) / (count - 1)
+        # Accumulate the fractional index exactly as the reference code does, so the grids
+        # (round-half-to-even included) are identical to improved-diffusion's.
+        cur = 0.0
+        for _ in range(count):
+            kept.append(start + round(cur))
+            cur += stride
+        start += size
+    return sorted(set(kept))
+
+
+def _parse_count(text: str, whole: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise ValueError(f"cannot parse step counts from {whole!r}; use e.g. 'ddim50' or '10,15,20'") from None
+
+
+def respace_betas(betas: Tensor, timesteps: Sequence[int] | Tensor) -> Tensor:
+    r"""Betas of the shorter chain that visits only ``timesteps`` (improved DDPM, sec. 4).
+
+    :math:`\beta'_i = 1 - \bar\alpha_{\tau_i} / \bar\alpha_{\tau_{i-1}}`, with
+    :math:`\bar\alpha` before the first kept step equal to 1 (so
+    :math:`\beta'_0 = 1 - \bar\alpha_{\tau_0}`, pitfall 1). The new chain then has exactly the
+    original marginals q(x_{tau_i} | x_0). ``timesteps`` must be strictly increasing
+    0-based indices into ``betas``. Returns float64 [len(timesteps)] on betas' device.
+    """
+    betas = check_betas(betas)
+    tau = torch.as_tensor(timesteps, dtype=torch.long, device=betas.device).reshape(-1)
+    if tau.numel() == 0:
+        raise ValueError("timesteps must not be empty")
+    if tau.min() < 0 or tau.max() >= betas.numel():
+        raise ValueError(
+            f"timesteps must lie in [0, {betas.numel()}), got min {tau.min().item()}, max {tau.max().item()}"
+        )
+    if (tau[1:] <= tau[:-1]).any():
+        raise ValueError("timesteps must be strictly increasing")
+    alpha_bar = _alpha_bar(betas)[tau]
+    alpha_bar_prev = torch.cat([alpha_bar.new_ones(1), alpha_bar[:-1]])
+    return check_betas(1.0 - alpha_bar / alpha_bar_prev)
