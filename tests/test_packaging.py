@@ -111,3 +111,23 @@ def test_bibliography_has_the_seed_papers():
     for arxiv_id in ["2006.11239", "2010.02502", "2102.09672", "2105.05233", "2207.12598", "2112.10741",
                      "2112.05744", "2208.11970", "1503.03585", "1312.6114", "1505.04597"]:
         assert arxiv_id in bib, f"references.bib lacks arXiv:{arxiv_id}"
+
+
+def _page_text(path: Path) -> str:
+    if path.suffix == ".ipynb":
+        import json
+
+        cells = json.loads(path.read_text())["cells"]
+        return "\n".join("".join(c["source"]) for c in cells if c["cell_type"] == "markdown")
+    return path.read_text()
+
+
+def test_equation_labels_are_unique_across_the_book():
+    """Sphinx keeps one namespace for equation labels; a repeat is a -W build failure."""
+    seen: dict[str, str] = {}
+    pages = sorted((ROOT / "nbs").glob("*.ipynb")) + sorted((ROOT / "book").glob("*.md"))
+    for page in pages:
+        for label in re.findall(r"^\$\$\s*\(([\w-]+)\)\s*$", _page_text(page), flags=re.M):
+            assert label not in seen, f"equation label {label!r} in {page.name} is already used in {seen[label]}"
+            seen[label] = page.name
+    assert seen, "no labelled equations found: the pattern no longer matches the pages"

@@ -1,0 +1,410 @@
+"""The command line: ``python -m ddpm_lib train|sample|eval`` (also installed as ``ddpm``).
+
+A thin layer over the library (STYLE 14): ``train`` turns a run config (``ddpm_lib.presets``)
+plus ``--set`` overrides into the config dataclasses and calls ``train.train`` or
+``classifier_training.train_classifier``; ``sample`` calls a sampler of ``ddpm_lib.samplers``,
+with ``ddpm_lib.guidance`` wrappers; ``eval`` calls ``ddpm_lib.metrics``. A checkpoint argument
+is a ``train --out`` directory, a checkpoint directory, or a pretrained model's name.
+
+Errors print ONE line, ``ddpm: error: ...``, and exit 2 (usage: bad flag, unknown config,
+malformed override) or 1 (at run time: missing or incompatible checkpoint, ...). Set
+``DDPM_DEBUG=1`` to see the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import shlex
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from ddpm_lib import pretrained
+from ddpm_lib.checkpoint import CheckpointError, latest_checkpoint, load_model, read_config
+from ddpm_lib.configs import DiffusionConfig
+from ddpm_lib.viz import save_figure
+from ddpm_lib.presets import (
+    CLASSIFIERS, DataConfig, RunConfig, apply_overrides, dry_run, load_data, load_run_config, preset_names,
+    toy_sampler,
+)
+
+__all__ = ["main", "build_parser", "Loaded", "load_source", "generate", "evaluate", "save_figure", "FEATURE_CLASSIFIERS"]
+
+# dataset -> the pretrained FeatureClassifier whose features the image metrics use
+FEATURE_CLASSIFIERS = {"digits": "digits_features", "shapes": "shapes_features"}
+NUM_LEVELS = {"digits": 17, "shapes": 256}  # pixel levels of the discretised likelihood (bits/dim)
+SAMPLERS = {"ddpm": 100, "ddim": 50, "dpm++": 20}  # name -> default steps (ddpm: respaced; --steps 1000 = all)
+NOISY_TS = (0, 100, 250, 500, 750)  # timesteps at which eval scores a noisy classifier
+
+
+class UsageError(Exception):
+    """A bad command line (exit status 2)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, no usage block
+        raise UsageError(f"{message} (see '{self.prog} --help')")
+
+
+# --- loading a model: checkpoint directory or pretrained name --------------------------------
+
+
+@dataclass
+class Loaded:
+    """A model with what sampling and evaluation need to know about it."""
+
+    model: nn.Module
+    diffusion_config: DiffusionConfig
+    data: DataConfig | None  # None when the run's run.json is missing
+    source: str
+
+    @property
+    def kind(self) -> str:
+        return self.model.config.kind
+
+    @property
+    def num_classes(self) -> int | None:
+        return getattr(self.model.config, "num_classes", None)
+
+
+def _run_json(path: Path) -> dict[str, Any] | None:
+    for folder in (path, path.parent):
+        if (folder / "run.json").is_file():
+            return json.loads((folder / "run.json").read_text())
+    return None
+
+
+def load_source(spec: str, device: str | torch.device = "cpu") -> Loaded:
+    """A ``train --out`` directory, a checkpoint directory or a pretrained name -> :class:`Loaded` (EMA weights)."""
+    if not Path(spec).exists():
+        if spec in pretrained.available():
+            run = pretrained.run_config(spec)
+            out = pretrained.load(spec, device)
+            return Loaded(out if run.kind in CLASSIFIERS else out[0], run.diffusion, run.data, spec)
+        raise FileNotFoundError(f"no checkpoint at {spec!r}, and no pretrained model of that name "
+                                f"(pretrained: {', '.join(pretrained.available())})")
+    model, _ = load_model(spec, device=device)
+    config = read_config(spec)
+    run = _run_json(latest_checkpoint(spec) or Path(spec))
+    data = DataConfig.from_dict(run["config"]["data"]) if run else None
+    return Loaded(model, DiffusionConfig.from_dict(config["diffusion"]), data, str(spec))
+
+
+# --- sampling --------------------------------------------------------------------------------
+
+
+def generate(loaded: Loaded, n: int, *, sampler: str = "ddpm", steps: int | None = None, eta: float = 0.0,
+             seed: int = 0, label: int | None = None, w: float | None = None, classifier: nn.Module | None = None,
+             scale: float = 1.0) -> tuple[Tensor, Tensor | None]:
+    """``n`` samples (CPU) and their labels (None if unconditional and unguided).
+
+    Class-conditional models get ``label`` or the labels 0, 1, ..., cycled; ``w`` wraps the model
+    in classifier-free guidance, ``classifier`` (a noisy classifier) in classifier guidance.
+    """
+    from ddpm_lib.guidance import classifier_free, classifier_guidance
+    from ddpm_lib.samplers import ddim_sample, ddpm_sample, dpm_solver_pp_sample
+
+    model, dcfg, device = loaded.model, loaded.diffusion_config, next(loaded.model.parameters()).device
+    if loaded.kind in CLASSIFIERS:
+        raise ValueError(f"{loaded.source} is a {loaded.kind}, not a denoiser: nothing to sample")
+    classes = loaded.num_classes or (classifier.config.num_classes if classifier is not None else None)
+    if w is not None and loaded.num_classes is None:
+        raise ValueError(f"classifier-free guidance needs a class-conditional model; {loaded.source} is unconditional")
+    if label is not None and not (classes and 0 <= label < classes):
+        raise ValueError(f"--label {label} needs a class-conditional model or a classifier, with 0 <= label < classes")
+    cfg = model.config
+    shape = (n, cfg.data_dim) if loaded.kind == "mlp" else (n, cfg.in_channels, cfg.image_size, cfg.image_size)
+    y = None if classes is None else (torch.full((n,), label) if label is not None else torch.arange(n) % classes)
+    eps_model, diffusion = model, dcfg.build().to(device)
+    if w is not None:
+        eps_model = classifier_free(eps_model, w, null_label=loaded.num_classes)
+    if classifier is not None:
+        eps_model = classifier_guidance(eps_model, classifier, diffusion, scale,
+                                        pass_y_to_model=loaded.num_classes is not None)
+    steps = steps or SAMPLERS[sampler]
+    if sampler != "ddpm" and dcfg.prediction != "eps":
+        raise ValueError(f"--sampler {sampler} needs an eps-prediction model; this one predicts {dcfg.prediction} "
+                         f"(use --sampler ddpm)")
+    kw = dict(generator=torch.Generator(device).manual_seed(seed), y=None if y is None else y.to(device))
+    if sampler == "ddpm":
+        x = ddpm_sample(eps_model, diffusion, shape, steps=steps, variance=dcfg.variance, prediction=dcfg.prediction, **kw)
+    elif sampler == "ddim":
+        x = ddim_sample(eps_model, diffusion, shape, steps=steps, eta=eta, **kw)
+    else:
+        x = dpm_solver_pp_sample(eps_model, diffusion, shape, steps=steps, **kw)
+    return x.cpu(), y
+
+
+# --- evaluation --------------------------------------------------------------------------------
+
+
+def _row(value: float, reference: float | None = None, note: str = "") -> dict[str, Any]:
+    return {"value": value, "reference": reference, "note": note}
+
+
+def _image_metrics(loaded: Loaded, x: Tensor, y: Tensor | None, wanted, *, seed: int, nll_batches: int) -> dict:
+    from ddpm_lib.metrics import classifier_accuracy, extract_features, frechet_distance, kid, memorization_ratio
+
+    data = loaded.data
+    if data.name not in FEATURE_CLASSIFIERS:
+        raise ValueError(f"no feature classifier for the data {data.name!r}")
+    fc = pretrained.load(FEATURE_CLASSIFIERS[data.name])
+    train_x, _ = load_data(data, "train")
+    test_x, test_y = load_data(data, "test")
+    g = torch.Generator().manual_seed(seed)
+    real = train_x[torch.randperm(len(train_x), generator=g)[: len(x)]]  # real-vs-real: train subset vs test
+    x = x.clamp(-1, 1)
+    out: dict[str, Any] = {}
+    if {"fd", "kid"} & wanted:
+        f_x, f_real, f_test = (extract_features(fc.features, v) for v in (x, real, test_x))
+        if "fd" in wanted:
+            out["frechet_distance"] = _row(frechet_distance(f_x, f_test), frechet_distance(f_real, f_test),
+                                           f"{FEATURE_CLASSIFIERS[data.name]} features, vs test set; ref: n train images")
+        if "kid" in wanted:
+            out["kid"] = _row(kid(f_x, f_test, generator=g)[0], kid(f_real, f_test, generator=g)[0], "vs test set; ref: n train images")
+    if "acc" in wanted and y is not None:
+        out["class_accuracy"] = _row(classifier_accuracy(fc, x, y), classifier_accuracy(fc, test_x, test_y),
+                                     "of the asked-for labels; ref: test set")
+    if "mem" in wanted:
+        ratio = memorization_ratio(x, train_x)
+        ref = memorization_ratio(test_x, train_x)
+        out["memorization_median_ratio"] = _row(ratio["median"], ref["median"], "NN d1/d2 vs train; ref: test set")
+        out["memorized_fraction"] = _row(ratio["fraction_memorized"], ref["fraction_memorized"], "d1/d2 < 1/3")
+    if "bpd" in wanted and nll_batches > 0:
+        diffusion, B = loaded.diffusion_config.build(), 64
+        values = []
+        for i in range(min(nll_batches, math.ceil(len(test_x) / B))):
+            x0, y0 = test_x[i * B:(i + 1) * B], test_y[i * B:(i + 1) * B]
+            kwargs = {"y": y0} if loaded.num_classes else {}
+            with torch.no_grad():
+                nll = diffusion.nll_bits_per_dim(loaded.model, x0, num_levels=NUM_LEVELS[data.name],
+                                                 variance=loaded.diffusion_config.variance,
+                                                 prediction=loaded.diffusion_config.prediction, model_kwargs=kwargs,
+                                                 generator=g, batch_t=max(1, 1024 // len(x0)))
+            values.append(nll["total_bpd"])
+        vals = torch.cat(values)
+        out["bits_per_dim"] = _row(float(vals.mean()), None, f"test set, {len(vals)} images, {NUM_LEVELS[data.name]} levels")
+    return out
+
+
+def evaluate(loaded: Loaded, *, n: int = 1000, sampler: str = "ddpm", steps: int | None = None, eta: float = 0.0,
+             seed: int = 0, metrics: set[str] | None = None, nll_batches: int = 1, w: float | None = None) -> dict:
+    """Measure a model: ``{metric: {"value", "reference", "note"}}``.
+
+    ``reference`` is the real-vs-real value at the same n (2-D metrics, Frechet distance, KID) or
+    the value on real test data (accuracy, memorisation). ``metrics`` picks among sw, energy
+    (2-D), fd, kid, acc, mem, bpd (images) and acc (classifiers); default all that apply.
+    """
+    from ddpm_lib.metrics import classifier_accuracy, compare_to_data
+
+    if loaded.data is None:
+        raise ValueError(f"{loaded.source}: no run.json beside the checkpoint, so its data is unknown")
+    wanted = set(metrics or {"sw", "energy", "fd", "kid", "acc", "mem", "bpd"})
+    g = torch.Generator().manual_seed(seed)
+    if loaded.kind in CLASSIFIERS:
+        from ddpm_lib.classifier_training import noisy_accuracy
+
+        test_x, test_y = load_data(loaded.data, "test")
+        if loaded.kind == "feature_classifier":
+            return {"test_accuracy": _row(classifier_accuracy(loaded.model, test_x, test_y), None, f"{len(test_y)} test images")}
+        diffusion = loaded.diffusion_config.build()
+        return {f"test_accuracy_t{t}": _row(noisy_accuracy(loaded.model, diffusion, test_x, test_y, t, generator=g),
+                                            None, "on x_t ~ q(x_t | x_0)") for t in NOISY_TS}
+    x, y = generate(loaded, n, sampler=sampler, steps=steps, eta=eta, seed=seed, w=w)
+    if loaded.kind != "mlp":
+        return _image_metrics(loaded, x, y, wanted, seed=seed, nll_batches=nll_batches)
+    out = {}
+    for key, metric, name in (("sw", "sliced_wasserstein", "sliced_wasserstein"), ("energy", "energy", "energy_distance")):
+        if key in wanted:
+            r = compare_to_data(x, toy_sampler(loaded.data), metric=metric, generator=g)
+            out[name] = _row(r["metric"], r["floor"], f"vs fresh data; ref: real-vs-real floor (std {r['floor_std']:.2g})")
+    return out
+
+
+def _print_table(results: dict) -> None:
+    print(f"{'metric':<28}{'value':>12}{'real/ref':>12}  note")
+    for name, r in results.items():
+        ref = "" if r["reference"] is None else f"{r['reference']:.4g}"
+        print(f"{name:<28}{r['value']:>12.4g}{ref:>12}  {r['note']}")
+
+
+# --- the three commands ----------------------------------------------------------------------------
+
+
+def _command_line(argv) -> str:
+    """The command as typed (with OMP_NUM_THREADS when set: it changes speed and float round-off)."""
+    threads = f"OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']} " if "OMP_NUM_THREADS" in os.environ else ""
+    return threads + "ddpm " + " ".join(shlex.quote(a) for a in argv)
+
+
+def cmd_train(args, argv) -> int:
+    from ddpm_lib.classifier_training import train_classifier
+    from ddpm_lib.train import train
+
+    try:
+        run = load_run_config(args.config)
+        run = apply_overrides(dry_run(run) if args.dry_run else run, args.set)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    if args.device:
+        run = dataclasses.replace(run, train=run.train.replace(device=args.device))
+    name = Path(args.config).stem
+    out = Path(args.out or f"runs/{name}{'-dry-run' if args.dry_run else ''}")
+    previous = _run_json(out) or {}
+    if previous and previous["config"]["data"] != run.data.to_dict():
+        raise ValueError(f"{out} holds a run on other data ({previous['config']['data']}); choose another --out")
+    found = latest_checkpoint(out)
+    if found is not None:
+        print(f"resuming from {found} (step {read_config(found)['step']})")
+    info = {"preset": name, "command": _command_line(argv), "config": run.to_dict(),
+            "wall_time_s": previous.get("wall_time_s", 0.0), "torch": torch.__version__,
+            "machine": f"{os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads"}
+    if found is None:  # a resumed run keeps its run.json until the checkpoint has accepted this config
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "run.json").write_text(json.dumps(info, indent=2) + "\n")
+    data = load_data(run.data, "train")
+    start, progress = time.perf_counter(), sys.stderr.isatty()
+    if run.kind in CLASSIFIERS:
+        result = train_classifier(run.model, run.train, data, diffusion_config=run.diffusion, out_dir=out, progress=progress)
+    else:
+        result = train(run.model, run.diffusion, run.train, data, out_dir=out, progress=progress)
+    info["wall_time_s"] += time.perf_counter() - start
+    (out / "run.json").write_text(json.dumps(info, indent=2) + "\n")
+    print(f"trained {run.kind} to step {result.step} in {info['wall_time_s']:.1f} s; checkpoint: {out / 'checkpoint'}")
+    return 0
+
+
+def _guidance_args(args) -> dict[str, Any]:
+    if args.guidance == "cfg" and args.w is None:
+        raise UsageError("--guidance cfg needs --w")
+    classifier = None
+    if args.classifier:
+        c = load_source(args.classifier, args.device)
+        if c.kind != "noisy_classifier":
+            raise ValueError(f"--classifier {args.classifier} is a {c.kind}; classifier guidance needs a noisy_classifier")
+        classifier = c.model
+    return dict(w=args.w if args.guidance == "cfg" else None, classifier=classifier, scale=args.scale)
+
+
+def cmd_sample(args, argv) -> int:
+    loaded = load_source(args.checkpoint, args.device)
+    x, y = generate(loaded, args.n, sampler=args.sampler, steps=args.steps, eta=args.eta, seed=args.seed,
+                    label=args.label, **_guidance_args(args))
+    out = args.out or "samples.png"
+    save_figure(x, out, y)
+    npz = args.npz or str(Path(out).with_suffix(".npz"))
+    arrays = {"samples": x.numpy()} if y is None else {"samples": x.numpy(), "labels": y.numpy()}
+    Path(npz).parent.mkdir(parents=True, exist_ok=True)
+    np.savez(npz, **arrays)
+    print(f"wrote {out} and {npz} ({args.n} samples of shape {tuple(x.shape[1:])})")
+    return 0
+
+
+def cmd_eval(args, argv) -> int:
+    loaded = load_source(args.checkpoint, args.device)
+    metrics = set(args.metrics.split(",")) if args.metrics else None
+    unknown = (metrics or set()) - {"sw", "energy", "fd", "kid", "acc", "mem", "bpd"}
+    if unknown:
+        raise UsageError(f"unknown metric(s) {sorted(unknown)}; choose from sw, energy, fd, kid, acc, mem, bpd")
+    results = evaluate(loaded, n=args.n, sampler=args.sampler, steps=args.steps, eta=args.eta, seed=args.seed,
+                       metrics=metrics, nll_batches=args.nll_batches, w=args.w)
+    how = "" if loaded.kind in CLASSIFIERS else \
+        f", n = {args.n}, sampler {args.sampler} ({args.steps or SAMPLERS[args.sampler]} steps)"
+    print(f"{loaded.source}: {loaded.kind}{how}, seed {args.seed}")
+    _print_table(results)
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps({"command": _command_line(argv), "n": args.n, "sampler": args.sampler,
+                                               "steps": args.steps, "seed": args.seed, "metrics": results}, indent=2))
+    return 0
+
+
+# --- the parser ------------------------------------------------------------------------------------
+
+
+def _epilog() -> str:
+    lines = ["shipped configs (ddpm_lib/presets/*.json), exact commands:"]
+    for name in preset_names():
+        lines.append(f"  ddpm train --config {name} --out runs/{name}")
+    lines += ["", f"pretrained models (use as --checkpoint NAME): {', '.join(pretrained.available())}",
+              "examples:", "  ddpm sample --checkpoint digits_cond --n 100 --guidance cfg --w 2 --out cfg.png",
+              "  ddpm sample --checkpoint digits --n 64 --classifier digits_noisy_classifier --scale 2 --label 3",
+              "  ddpm eval --checkpoint swissroll --n 2000"]
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    kw = dict(formatter_class=argparse.RawDescriptionHelpFormatter, epilog=_epilog())
+    parser = _Parser(prog="ddpm", description="Train, sample and evaluate the diffusion models of the book.", **kw)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,sample,eval}")
+
+    p = sub.add_parser("train", help="train a denoiser or a classifier from a run config", **kw)
+    p.add_argument("--config", required=True, help=f"a shipped config ({', '.join(preset_names())}) or a .json path")
+    p.add_argument("--out", help="run directory (default runs/NAME); training resumes from its checkpoint")
+    p.add_argument("--set", nargs="+", default=[], metavar="SECTION.FIELD=VALUE",
+                   help="override config fields, type-checked, e.g. train.steps=100 model.model_channels=16")
+    p.add_argument("--dry-run", action="store_true", help="smoke test: 3 steps, tiny model, small data")
+    p.add_argument("--device", choices=["cpu", "cuda"], help="default: CUDA when available")
+    p.set_defaults(func=cmd_train)
+
+    def model_args(p, default_n):
+        p.add_argument("--checkpoint", required=True, help="a run directory, a checkpoint directory or a pretrained name")
+        p.add_argument("--n", type=int, default=default_n, help=f"number of samples (default {default_n})")
+        p.add_argument("--sampler", choices=list(SAMPLERS), default="ddpm", help="default ddpm (ancestral)")
+        p.add_argument("--steps", type=int, help="sampling steps (default: ddpm 100 = respaced, ddim 50, dpm++ 20)")
+        p.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0: deterministic)")
+        p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--device", default="cpu")
+
+    p = sub.add_parser("sample", help="draw samples: a PNG (grid or scatter) and an .npz", **kw)
+    model_args(p, 64)
+    p.add_argument("--guidance", choices=["cfg"], help="classifier-free guidance (class-conditional models)")
+    p.add_argument("--w", type=float, help="CFG weight w: eps = (1 + w) eps(x, y) - w eps(x)")
+    p.add_argument("--label", type=int, help="one label for all samples (default: 0, 1, 2, ... cycled)")
+    p.add_argument("--classifier", help="a noisy classifier (checkpoint or pretrained name) for classifier guidance")
+    p.add_argument("--scale", type=float, default=1.0, help="classifier-guidance scale s")
+    p.add_argument("--out", help="PNG path (default samples.png)")
+    p.add_argument("--npz", help="npz path (default: the PNG path with .npz)")
+    p.set_defaults(func=cmd_sample)
+
+    p = sub.add_parser("eval", help="measure a model: 2-D distances, feature-space metrics, bits/dim", **kw)
+    model_args(p, 1000)
+    p.add_argument("--metrics", help="comma list of sw,energy (2-D), fd,kid,acc,mem,bpd (images); default all")
+    p.add_argument("--nll-batches", type=int, default=1, help="test batches of 64 for bits/dim (0 skips; default 1)")
+    p.add_argument("--w", type=float, help="evaluate with classifier-free guidance of weight w")
+    p.add_argument("--json", help="also write the results to this JSON file")
+    p.set_defaults(func=cmd_eval)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``ddpm`` and ``python -m ddpm_lib``; returns the exit status."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        args = build_parser().parse_args(argv)
+        for name in ("n", "steps", "nll_batches"):
+            if getattr(args, name, None) is not None and getattr(args, name) < (0 if name == "nll_batches" else 1):
+                raise UsageError(f"--{name.replace('_', '-')} must be >= {0 if name == 'nll_batches' else 1}")
+        return args.func(args, argv)
+    except UsageError as e:
+        print(f"ddpm: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("ddpm: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # one line for the user; DDPM_DEBUG=1 shows the traceback
+        if os.environ.get("DDPM_DEBUG"):
+            raise
+        kind = "" if isinstance(e, (ValueError, CheckpointError, FileNotFoundError)) else f"{type(e).__name__}: "
+        print(f"ddpm: error: {kind}{' '.join(str(e).split())}", file=sys.stderr)
+        return 1

@@ -1,0 +1,74 @@
+"""Classifier training: a short run learns the digits, the noisy classifier sees q(x_t | x_0),
+checkpoints load through ``checkpoint.load_model``, and resume is exact."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from ddpm_lib.checkpoint import load_model
+from ddpm_lib.classifier_training import noisy_accuracy, train_classifier
+from ddpm_lib.configs import DiffusionConfig, TrainConfig
+from ddpm_lib.data import load_digits_dataset
+from ddpm_lib.metrics import classifier_accuracy
+from ddpm_lib.models import FeatureClassifier, NoisyClassifier
+
+SMALL_FC = {"kind": "feature_classifier", "channels": [16, 32], "feature_dim": 32, "norm_groups": 8}
+SMALL_NC = {"kind": "noisy_classifier", "model_channels": 16, "num_res_blocks": 1, "norm_groups": 8}
+
+
+@pytest.fixture(scope="module")
+def digits():
+    train, test = load_digits_dataset("train"), load_digits_dataset("test")
+    return (train.images, train.labels), (test.images, test.labels)
+
+
+def test_short_run_reaches_test_accuracy(digits, tmp_path):
+    (x, y), (x_test, y_test) = digits
+    cfg = TrainConfig(steps=150, batch_size=64, lr=3e-3, warmup_steps=10, lr_schedule="cosine", ema_decay=0.9,
+                      log_every=50, checkpoint_every=0, seed=0)
+    result = train_classifier(SMALL_FC, cfg, (x, y), out_dir=tmp_path, progress=False)
+    assert result.step == 150
+    accuracy = classifier_accuracy(result.ema, x_test, y_test)
+    assert accuracy >= 0.9, f"test accuracy {accuracy:.3f} after 150 steps (chance 0.1)"
+    model, _ = load_model(tmp_path)  # the same checkpoint format: the EMA comes back
+    assert isinstance(model, FeatureClassifier)
+    assert classifier_accuracy(model, x_test, y_test) == pytest.approx(accuracy)
+
+
+def test_noisy_classifier_trains_on_noisy_inputs(digits, tmp_path):
+    (x, y), (x_test, y_test) = digits
+    dcfg = DiffusionConfig(T=1000)
+    cfg = TrainConfig(steps=120, batch_size=64, lr=3e-3, warmup_steps=10, ema_decay=0.9, log_every=60,
+                      checkpoint_every=0, seed=0)
+    result = train_classifier(SMALL_NC, cfg, (x, y), diffusion_config=dcfg, out_dir=tmp_path, progress=False)
+    model, diffusion = load_model(tmp_path)
+    assert isinstance(model, NoisyClassifier) and diffusion.T == 1000
+    g = torch.Generator().manual_seed(0)
+    clean = noisy_accuracy(result.ema, diffusion, x_test, y_test, 0, generator=g)
+    pure_noise = noisy_accuracy(result.ema, diffusion, x_test, y_test, 999, generator=g)
+    assert clean >= 0.6, f"accuracy at t = 0 is {clean:.3f} (chance 0.1)"
+    assert pure_noise <= 0.3, f"accuracy at t = 999 is {pure_noise:.3f}: x_999 carries almost no signal"
+
+
+def test_resume_is_exact(digits, tmp_path):
+    (x, y), _ = digits
+    x, y = x[:200], y[:200]
+    cfg = TrainConfig(steps=6, batch_size=16, lr=1e-3, ema_decay=0.9, log_every=2, checkpoint_every=3, seed=1)
+    train_classifier(SMALL_NC, cfg, (x, y), out_dir=tmp_path / "straight", progress=False)
+    train_classifier(SMALL_NC, cfg.replace(steps=3), (x, y), out_dir=tmp_path / "resumed", progress=False)
+    train_classifier(SMALL_NC, cfg, (x, y), out_dir=tmp_path / "resumed", progress=False)
+    for name in ("model.safetensors", "ema.safetensors"):
+        a = load_file(str(tmp_path / "straight" / "checkpoint" / name))
+        b = load_file(str(tmp_path / "resumed" / "checkpoint" / name))
+        assert all(torch.equal(a[k], b[k]) for k in a), f"{name} differs after resume"
+
+
+def test_refuses_denoisers_and_unlabelled_data(digits, tmp_path):
+    (x, y), _ = digits
+    cfg = TrainConfig(steps=1, batch_size=8)
+    with pytest.raises(ValueError, match="trains classifiers"):
+        train_classifier({"kind": "mlp"}, cfg, (x.flatten(1)[:, :2], y), out_dir=tmp_path, progress=False)
+    with pytest.raises(ValueError, match="labelled"):
+        train_classifier(SMALL_FC, cfg, x, out_dir=tmp_path, progress=False)

@@ -1,0 +1,135 @@
+"""The shipped pretrained models: the manifest, hash verification, and quality thresholds that
+the shipped models pass and broken models (untrained; labels shuffled) fail.
+
+The thresholds were set from measurements at the test's own sizes (seed 0; the numbers in the
+comments come from ``ddpm_lib.cli.evaluate`` on the shipped weights and on the broken models
+built below), far enough from both sides that seed changes do not flip them.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from ddpm_lib import pretrained
+from ddpm_lib.cli import Loaded, evaluate, load_source
+from ddpm_lib.models import FeatureClassifier, MLPDenoiser, NoisyClassifier, UNet, model_from_config
+from ddpm_lib.presets import CLASSIFIERS, preset_names
+
+ROOT = Path(pretrained.__file__).parent
+EXPECTED = {"swissroll": MLPDenoiser, "digits": UNet, "digits_cond": UNet, "digits_noisy_classifier": NoisyClassifier,
+            "digits_features": FeatureClassifier, "shapes_features": FeatureClassifier}
+
+# Digits, n = 200 samples, DDPM respaced to 25 steps, seed 0 (measured on the shipped weights):
+FD_MAX = 6.0  # shipped digits 2.6, digits_cond 0.17; untrained U-Net 42
+KID_MAX = 0.2  # shipped -0.03 and -0.11 (unbiased: ~0 or below); untrained 0.83
+COND_ACCURACY_MIN = 0.8  # shipped digits_cond 0.995; labels shuffled 0.0; untrained ~0.1 (chance)
+SW_FLOOR_RATIO_MAX = 2.0  # swiss roll, n = 1000, DDPM 50 steps: shipped 1.01x its real-vs-real floor; untrained 6400x
+
+def untrained(loaded: Loaded) -> Loaded:
+    torch.manual_seed(0)
+    return Loaded(model_from_config(loaded.model.config).eval(), loaded.diffusion_config, loaded.data, "untrained")
+
+
+def digits_failures(loaded: Loaded) -> list[str]:
+    """The digits thresholds a model misses (empty: it passes)."""
+    r = evaluate(loaded, n=200, sampler="ddpm", steps=25, metrics={"fd", "kid", "acc"}, seed=0)
+    fails = []
+    if r["frechet_distance"]["value"] > FD_MAX:
+        fails.append(f"frechet_distance {r['frechet_distance']['value']:.3g} > {FD_MAX}")
+    if r["kid"]["value"] > KID_MAX:
+        fails.append(f"kid {r['kid']['value']:.3g} > {KID_MAX}")
+    if loaded.num_classes and r["class_accuracy"]["value"] < COND_ACCURACY_MIN:
+        fails.append(f"class_accuracy {r['class_accuracy']['value']:.3g} < {COND_ACCURACY_MIN}")
+    return fails
+
+
+# --- the manifest and the files ------------------------------------------------------------
+
+
+def test_manifest_lists_every_model_with_its_provenance():
+    models = pretrained.manifest()["models"]
+    assert set(models) == set(EXPECTED) == set(pretrained.available())
+    total = 0
+    for name, entry in models.items():
+        assert entry["config"] in preset_names(), name
+        assert f"ddpm train --config {entry['config']} --out runs/{name}" in entry["command"], name
+        assert entry["wall_time_s"] > 0 and entry["metrics"] and f"ddpm eval --checkpoint {name}" in entry["eval_command"]
+        config = json.loads((ROOT / name / "config.json").read_text())
+        assert config["step"] == entry["steps"] == config["train"]["steps"] and entry["seed"] == config["train"]["seed"]
+        assert set(entry["files"]) == {"config.json", "model.safetensors"}
+        for file, recorded in entry["files"].items():
+            assert (ROOT / name / file).stat().st_size == recorded["bytes"], f"{name}/{file}"
+            total += recorded["bytes"]
+    assert total < 20e6, f"pretrained weights take {total / 1e6:.1f} MB"
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_every_entry_loads(name):
+    out = pretrained.load(name)
+    model = out if name in ("digits_noisy_classifier", "digits_features", "shapes_features") else out[0]
+    assert isinstance(model, EXPECTED[name]) and not model.training
+    assert (pretrained.run_config(name).kind in CLASSIFIERS) == (not isinstance(out, tuple))
+    if isinstance(out, tuple):
+        assert out[1].T == pretrained.run_config(name).diffusion.T
+
+
+def test_tampered_or_missing_file_is_named(tmp_path):
+    copy = tmp_path / "pretrained"
+    shutil.copytree(ROOT, copy, ignore=shutil.ignore_patterns("__pycache__", "*.py"))
+    pretrained.load("digits", root=copy)  # an intact copy loads
+    weights = copy / "digits" / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[len(data) // 2] ^= 0x01  # one bit of one weight
+    weights.write_bytes(bytes(data))
+    with pytest.raises(pretrained.PretrainedError, match=r"digits/model\.safetensors: SHA-256 differs"):
+        pretrained.load("digits", root=copy)
+    (copy / "swissroll" / "config.json").unlink()
+    with pytest.raises(pretrained.PretrainedError, match=r"swissroll/config\.json: missing"):
+        pretrained.load("swissroll", root=copy)
+    with pytest.raises(pretrained.PretrainedError, match="no pretrained model 'nope'"):
+        pretrained.load("nope", root=copy)
+
+
+# --- quality: the shipped models pass, broken ones fail ---------------------------------------
+
+
+def test_swiss_roll_within_twice_the_floor():
+    shipped = load_source("swissroll")
+    for loaded, should_pass in ((shipped, True), (untrained(shipped), False)):
+        r = evaluate(loaded, n=1000, sampler="ddpm", steps=50, metrics={"sw"}, seed=0)["sliced_wasserstein"]
+        ratio = r["value"] / r["reference"]
+        assert (ratio <= SW_FLOOR_RATIO_MAX) == should_pass, f"{loaded.source}: SW {ratio:.2f} x the floor"
+
+
+def test_digits_unconditional_passes_and_untrained_fails():
+    shipped = load_source("digits")
+    assert digits_failures(shipped) == []
+    assert any("frechet_distance" in f for f in digits_failures(untrained(shipped)))
+
+
+def test_digits_conditional_passes_and_shuffled_labels_fail():
+    shipped = load_source("digits_cond")
+    assert digits_failures(shipped) == []
+    shuffled = load_source("digits_cond")  # the same net with its label embeddings rotated: y -> y + 1
+    with torch.no_grad():
+        rows = shuffled.model.label_embed.weight
+        rows[:10] = rows[:10].roll(-1, dims=0).clone()
+    fails = digits_failures(shuffled)
+    assert len(fails) == 1 and fails[0].startswith("class_accuracy"), fails  # the marginal is intact, the labels not
+
+
+def test_classifiers_are_accurate_and_untrained_ones_are_not():
+    noisy = load_source("digits_noisy_classifier")
+    for loaded, low in ((noisy, 0.9), (untrained(noisy), None)):
+        r = evaluate(loaded, seed=0)
+        accuracy = (r["test_accuracy_t0"]["value"], r["test_accuracy_t100"]["value"])
+        assert (min(accuracy) > 0.9) == (low is not None), f"{loaded.source}: accuracy at t = 0, 100: {accuracy}"
+    for name, low in (("digits_features", 0.97), ("shapes_features", 0.95)):
+        shipped = load_source(name)
+        assert evaluate(shipped)["test_accuracy"]["value"] >= low, name
+        assert evaluate(untrained(shipped))["test_accuracy"]["value"] < 0.5, name

@@ -1,0 +1,350 @@
+"""The training loop: configs, LR warm-up, EMA, exact resume (in-process and after kill -9),
+divergence, data handling, CUDA-only switches on the CPU, and a short real training."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+import ddpm_lib
+from ddpm_lib import models
+from ddpm_lib.checkpoint import latest_checkpoint, load_checkpoint, read_config
+from ddpm_lib.ema import ema_decay, ema_update
+from ddpm_lib.models.config import ModelConfig
+from ddpm_lib.train import DiffusionConfig, TrainConfig, TrainingDivergedError, lr_at, train
+
+WORKER = Path(__file__).with_name("_ddp_worker.py")
+SRC = str(Path(ddpm_lib.__file__).parents[1])  # the worker imports the ddpm_lib under test
+TINY = {"kind": "mlp", "hidden_dim": 16, "num_layers": 1, "time_embed_dim": 8}
+TINY_COND = {**TINY, "num_classes": 2, "dropout": 0.1}  # labels, null label and global-RNG dropout
+DIFF = DiffusionConfig(T=50)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Bit-exact comparisons want one fixed thread count."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+def moons(n: int = 100):
+    from ddpm_lib.data import two_moons
+
+    x, y = two_moons(n, generator=0, return_labels=True)
+    return x.clamp(-1, 1), y
+
+
+def cfg(**kw) -> TrainConfig:
+    base = dict(steps=6, batch_size=24, lr=3e-3, warmup_steps=4, ema_decay=0.99, log_every=2,
+                checkpoint_every=3, label_dropout=0.25, seed=3)
+    return TrainConfig(**{**base, **kw})
+
+
+def tensors_of(ckpt_dir: Path) -> dict[str, dict[str, torch.Tensor]]:
+    names = ("model.safetensors", "ema.safetensors", "state.safetensors")
+    return {name: load_file(str(ckpt_dir / name)) for name in names}
+
+
+def assert_checkpoints_equal(a: Path, b: Path) -> None:
+    ta, tb = tensors_of(a), tensors_of(b)
+    for name in ta:
+        assert ta[name].keys() == tb[name].keys(), name
+        for key in ta[name]:
+            assert torch.equal(ta[name][key], tb[name][key]), f"{name}:{key} differs"
+    ja, jb = json.loads((a / "state.json").read_text()), json.loads((b / "state.json").read_text())
+    assert ja == jb
+
+
+# --- configs ---------------------------------------------------------------------------------
+
+
+def test_config_json_round_trip():
+    t = cfg(grad_clip=None, device="cpu", lr_schedule="cosine")
+    d = DiffusionConfig(schedule="cosine", T=10, loss="hybrid", variance="learned_range", prediction="eps")
+    assert TrainConfig.from_json(t.to_json()) == t
+    assert DiffusionConfig.from_json(d.to_json()) == d
+    assert TrainConfig(lr=1).lr == 1.0 and isinstance(TrainConfig(lr=1).lr, float)
+
+
+@pytest.mark.parametrize("cls, bad, needle", [
+    (TrainConfig, {"stepz": 3}, "stepz"),
+    (TrainConfig, {"steps": "10"}, "steps"),
+    (TrainConfig, {"steps": 2.5}, "steps"),
+    (TrainConfig, {"bf16": 1}, "bf16"),
+    (TrainConfig, {"steps": True}, "steps"),
+    (TrainConfig, {"lr": "1e-3"}, "lr"),
+    (TrainConfig, {"label_dropout": 1.0}, "label_dropout"),
+    (TrainConfig, {"lr_schedule": "step"}, "lr_schedule"),
+    (DiffusionConfig, {"loss": "l2"}, "loss"),
+    (DiffusionConfig, {"T": 0}, "T"),
+    (DiffusionConfig, {"variance": "learned_range"}, "loss"),  # learned variance needs hybrid/vlb
+    (DiffusionConfig, {"schedule": None}, "schedule"),
+])
+def test_config_errors_name_the_field(cls, bad, needle):
+    with pytest.raises(ValueError, match=needle):
+        cls.from_dict(bad)
+
+
+# --- learning rate and EMA -------------------------------------------------------------------
+
+
+def test_lr_warmup_values():
+    c = TrainConfig(lr=1.0, warmup_steps=4, steps=10)
+    assert [lr_at(s, c) for s in range(6)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
+    cos = TrainConfig(lr=1.0, warmup_steps=2, steps=10, lr_schedule="cosine")
+    assert lr_at(1, cos) == 1.0 and lr_at(2, cos) == 1.0 and lr_at(6, cos) == pytest.approx(0.5)
+    assert lr_at(10, cos) == pytest.approx(0.0, abs=1e-12)
+    assert lr_at(0, TrainConfig(lr=2.0, warmup_steps=0)) == 2.0
+
+
+def test_loop_uses_the_warmup_lr(tmp_path):
+    c = TrainConfig(steps=6, batch_size=8, lr=0.4, warmup_steps=4, log_every=1, checkpoint_every=0)
+    train(TINY, DIFF, c, moons()[0], out_dir=tmp_path, progress=False)
+    records = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]
+    assert [r["lr"] for r in records] == pytest.approx([0.1, 0.2, 0.3, 0.4, 0.4, 0.4])
+    assert {"loss", "lr", "steps_per_sec", "ema_decay"} <= records[0].keys()
+
+
+def test_warmup_lr_reaches_the_optimiser(tmp_path):
+    """Adam's first update moves every weight with a gradient by about lr: here lr_at(0) = 0.1."""
+    c = TrainConfig(steps=1, batch_size=8, lr=0.4, warmup_steps=4, checkpoint_every=0, grad_clip=None)
+    torch.manual_seed(c.seed)
+    init = models.model_from_config(TINY).state_dict()
+    after = train(TINY, DIFF, c, moons()[0], out_dir=tmp_path, progress=False).model.state_dict()
+    step = max((after[k] - init[k]).abs().max().item() for k in init)
+    assert step == pytest.approx(0.1, rel=1e-3)
+    assert load_checkpoint(tmp_path).optimizer["param_groups"][0]["lr"] == pytest.approx(0.1)
+
+
+def test_ema_decay_warmup_formula():
+    assert ema_decay(0.9999, 1) == pytest.approx(2 / 11)
+    assert ema_decay(0.9999, 90) == pytest.approx(91 / 100)
+    assert ema_decay(0.9, 10**6) == 0.9
+    assert ema_decay(0.9999, 1, warmup=False) == 0.9999
+    with pytest.raises(ValueError):
+        ema_decay(0.9, 0)
+
+
+def test_ema_averages_parameters_and_copies_buffers():
+    torch.manual_seed(0)
+    model, ema = nn.Sequential(nn.Linear(3, 3), nn.BatchNorm1d(3)), nn.Sequential(nn.Linear(3, 3), nn.BatchNorm1d(3))
+    model.train()(torch.randn(8, 3))  # moves the running statistics away from the EMA's
+    before = {k: v.clone() for k, v in ema.state_dict().items()}
+    ema_update(ema, model, 0.75)
+    for name, p in model.named_parameters():
+        assert torch.allclose(dict(ema.named_parameters())[name], 0.75 * before[name] + 0.25 * p)
+    for name, b in model.named_buffers():
+        assert torch.equal(dict(ema.named_buffers())[name], b), f"buffer {name} was averaged, not copied"
+
+
+def test_ema_is_updated_once_per_optimiser_step(tmp_path):
+    c = TrainConfig(steps=1, batch_size=8, lr=1e-2, ema_decay=0.999, log_every=10, checkpoint_every=0, grad_clip=None)
+    x = moons()[0]
+    torch.manual_seed(c.seed)
+    init = models.model_from_config(TINY).state_dict()
+    w1 = train(TINY, DIFF, c, x, out_dir=tmp_path / "a", progress=False).model.state_dict()
+    two = train(TINY, DIFF, c.replace(steps=2), x, out_dir=tmp_path / "b", progress=False)
+    d1, d2 = 2 / 11, 3 / 12  # min(0.999, (1 + n) / (10 + n)) for n = 1, 2
+    for key, w2 in two.model.state_dict().items():
+        expected = (d1 * init[key] + (1 - d1) * w1[key]) * d2 + (1 - d2) * w2
+        assert torch.allclose(two.ema.state_dict()[key], expected, atol=1e-7), key
+
+
+# --- exact resume ----------------------------------------------------------------------------
+
+
+def test_resume_is_bit_exact_in_process(tmp_path):
+    x, y = moons()
+    k = 5  # resumes inside the warm-up and in the middle of the second pass over the data
+    train(TINY_COND, DIFF, cfg(steps=2 * k, checkpoint_every=k), (x, y), out_dir=tmp_path / "once", progress=False)
+    train(TINY_COND, DIFF, cfg(steps=k, checkpoint_every=k), (x, y), out_dir=tmp_path / "twice", progress=False)
+    assert load_checkpoint(tmp_path / "twice").step == k
+    resumed = train(TINY_COND, DIFF, cfg(steps=2 * k, checkpoint_every=k), (x, y), out_dir=tmp_path / "twice",
+                    progress=False)
+    assert resumed.step == 2 * k
+    assert_checkpoints_equal(tmp_path / "once" / "checkpoint", tmp_path / "twice" / "checkpoint")
+    # and not vacuously: a fresh run with another seed differs
+    train(TINY_COND, DIFF, cfg(steps=2 * k, seed=4), (x, y), out_dir=tmp_path / "other", progress=False)
+    with pytest.raises(AssertionError):
+        assert_checkpoints_equal(tmp_path / "once" / "checkpoint", tmp_path / "other" / "checkpoint")
+
+
+def test_dataset_and_tensor_inputs_give_the_same_run(tmp_path):
+    LabelledPoints = worker().LabelledPoints
+    x, y = moons()
+    c = cfg(steps=4, checkpoint_every=0)
+    train(TINY_COND, DIFF, c, (x, y), out_dir=tmp_path / "t", progress=False)
+    train(TINY_COND, DIFF, c, LabelledPoints(x, y, 0.0), out_dir=tmp_path / "d", progress=False)
+    assert_checkpoints_equal(tmp_path / "t" / "checkpoint", tmp_path / "d" / "checkpoint")
+
+
+def worker():
+    """The subprocess tests' worker module, importable here too."""
+    sys.path.insert(0, str(WORKER.parent))
+    import _ddp_worker
+
+    return _ddp_worker
+
+
+def _spec(out_dir: Path, steps: int, sleep: float) -> dict:
+    return {"out_dir": str(out_dir), "model": TINY_COND, "diffusion": DIFF.to_dict(), "n": 100, "dataset": True,
+            "train": cfg(steps=steps, checkpoint_every=4, log_every=2).to_dict(), "sleep": sleep}
+
+
+def _run(spec: dict) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([SRC, os.environ.get("PYTHONPATH", "")])}
+    return subprocess.Popen([sys.executable, str(WORKER), json.dumps(spec)], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+
+
+def test_resume_after_kill_9_is_bit_exact(tmp_path):
+    n_steps = 100
+    victim = _run(_spec(tmp_path / "victim", n_steps, 0.002))  # ~50 ms per step: ~5 s in all
+    try:
+        worker().main(_spec(tmp_path / "ref", n_steps, 0.0))  # the uninterrupted run, while the victim starts
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and victim.poll() is None:
+            log = tmp_path / "victim" / "log.jsonl"
+            if log.exists() and log.read_text().count("\n") >= 5:  # step >= 10: two checkpoints written
+                break
+            time.sleep(0.01)
+        victim.send_signal(signal.SIGKILL)
+        victim.wait(timeout=30)
+    finally:
+        if victim.poll() is None:
+            victim.kill()
+    assert victim.returncode == -signal.SIGKILL, victim.stdout.read()
+    # the checkpoint the kill left loads cleanly, and is a real mid-run one
+    ck = load_checkpoint(latest_checkpoint(tmp_path / "victim"))
+    assert 0 < ck.step < n_steps, f"the kill came too late (step {ck.step}); slow the victim down"
+    resumed = _run(_spec(tmp_path / "victim", n_steps, 0.0))
+    assert resumed.wait(timeout=120) == 0, resumed.stdout.read()
+    assert read_config(tmp_path / "victim")["step"] == n_steps
+    assert_checkpoints_equal(tmp_path / "ref" / "checkpoint", tmp_path / "victim" / "checkpoint")
+    # the log is trimmed to the checkpoint on resume: no duplicated steps, same losses as the reference
+    strip = lambda p: [{k: v for k, v in json.loads(s).items() if k != "steps_per_sec"}  # noqa: E731
+                       for s in (p / "log.jsonl").read_text().splitlines()]
+    assert strip(tmp_path / "victim") == strip(tmp_path / "ref")
+
+
+# --- divergence ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ProbeConfig(ModelConfig):
+    kind: ClassVar[str] = "probe"
+    nan_from_call: int = 10**9
+    num_classes: int | None = None
+
+
+class Probe(nn.Module):
+    """A linear eps-model that records the labels it sees and outputs NaN from its
+    ``nan_from_call``-th forward call on."""
+
+    def __init__(self, config: ProbeConfig):
+        super().__init__()
+        self.config, self.calls, self.labels, self.lin = config, 0, [], nn.Linear(2, 2)
+
+    def forward(self, x, t, y=None):
+        self.calls += 1
+        if y is not None:
+            self.labels.append(y.clone())
+        out = self.lin(x)
+        return out * float("nan") if self.calls >= self.config.nan_from_call else out
+
+
+@pytest.fixture
+def probe(monkeypatch):
+    monkeypatch.setitem(models.MODEL_KINDS, "probe", (ProbeConfig, Probe))
+
+
+@pytest.mark.parametrize("p", [0.0, 0.25])
+def test_label_dropout_feeds_the_null_label(tmp_path, probe, p):
+    x, y = moons()
+    result = train({"kind": "probe", "num_classes": 2}, DIFF, cfg(steps=20, label_dropout=p), (x, y),
+                   out_dir=tmp_path, progress=False)
+    seen = torch.cat(result.model.labels)
+    null_fraction = (seen == 2).float().mean().item()  # the null label is num_classes = 2
+    assert seen.numel() == 20 * 24 and set(seen.tolist()) <= {0, 1, 2}
+    assert (null_fraction == 0.0) if p == 0 else (0.15 < null_fraction < 0.35), null_fraction
+
+
+def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, probe):
+    c = cfg(steps=20, checkpoint_every=3, log_every=100, label_dropout=0.0)
+    x = moons()[0]
+    with pytest.raises(TrainingDivergedError, match=r"step 5 is nan"):
+        train({"kind": "probe", "nan_from_call": 5}, DIFF, c, x, out_dir=tmp_path / "nan", progress=False)
+    ck = load_checkpoint(tmp_path / "nan")
+    assert ck.step == 3
+    # it is the state after 3 good steps: the same as a run that never diverges, stopped at 3
+    train({"kind": "probe"}, DIFF, c.replace(steps=3), x, out_dir=tmp_path / "ok",
+          progress=False)
+    ok = load_checkpoint(tmp_path / "ok")
+    for key in ok.model:
+        assert torch.equal(ck.model[key], ok.model[key]) and torch.equal(ck.ema[key], ok.ema[key])
+    assert not (tmp_path / "nan" / "log.jsonl").exists() or "NaN" not in (tmp_path / "nan" / "log.jsonl").read_text()
+
+
+# --- data, CPU fallbacks, a real run ---------------------------------------------------------
+
+
+def test_data_out_of_range_is_refused(tmp_path):
+    with pytest.raises(ValueError, match=r"\[-1"):
+        train(TINY, DIFF, cfg(steps=1, label_dropout=0.0), moons()[0] * 3, out_dir=tmp_path, progress=False)
+    with pytest.raises(ValueError, match="label_dropout"):
+        train(TINY, DIFF, cfg(steps=1), moons()[0], out_dir=tmp_path, progress=False)
+
+
+def test_cuda_only_switches_are_no_ops_on_cpu(tmp_path):
+    x, y = moons()
+    base = cfg(steps=3, checkpoint_every=0)
+    train(TINY_COND, DIFF, base, (x, y), out_dir=tmp_path / "a", progress=False)
+    fancy = base.replace(bf16=True, channels_last=True, compile=True, device="cpu")
+    train(TINY_COND, DIFF, fancy, (x, y), out_dir=tmp_path / "b", progress=False)
+    assert_checkpoints_equal(tmp_path / "a" / "checkpoint", tmp_path / "b" / "checkpoint")
+
+
+def test_short_training_on_swiss_roll_lowers_the_loss(tmp_path):
+    from ddpm_lib.data import swiss_roll
+
+    x = swiss_roll(2000, generator=0).clamp(-1, 1)
+    c = TrainConfig(steps=300, batch_size=128, lr=2e-3, ema_decay=0.99, log_every=50, checkpoint_every=150,
+                    sample_every=300, num_samples=256, sample_steps=20)
+    model = {"kind": "mlp", "hidden_dim": 64, "num_layers": 2, "time_embed_dim": 32}
+    result = train(model, DiffusionConfig(T=100), c, x, out_dir=tmp_path, progress=True)
+    records = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [50, 100, 150, 200, 250, 300]
+    losses = [r["loss"] for r in records]
+    assert losses[-1] < min(0.6, losses[0]), losses  # an untrained (zero-output) model scores 1.0
+    assert result.step == 300 and (tmp_path / "samples" / "step_0000300.png").stat().st_size > 1000
+
+
+def test_labelled_images_with_learned_variance_and_a_sample_grid(tmp_path):
+    from ddpm_lib.checkpoint import load_model
+    from ddpm_lib.data import load_digits_dataset
+    from ddpm_lib.models import adm_like_digits8
+
+    images = load_digits_dataset("train")  # a TensorDataset of (image [1, 8, 8], label)
+    model = adm_like_digits8(model_channels=16, num_classes=10)
+    diffusion = DiffusionConfig(T=20, loss="hybrid", variance="learned_range")
+    c = TrainConfig(steps=2, batch_size=8, label_dropout=0.1, sample_every=2, num_samples=4, sample_steps=2)
+    train(model, diffusion, c, images, out_dir=tmp_path, progress=False)
+    assert (tmp_path / "samples" / "step_0000002.png").stat().st_size > 500
+    net, chain = load_model(tmp_path)
+    assert net.config == model and chain.T == 20
