@@ -41,7 +41,7 @@ test-lib: install
 # Notebooks read DDPM_BOOK_QUICK through ddpm_lib.book; stripped notebooks are executed,
 # so the assertions inside their cells are the checks.
 test-nbs: install
-	DDPM_BOOK_QUICK=1 $(PY) -m pytest --nbval-lax nbs -q -p no:randomly
+	DDPM_BOOK_QUICK=1 $(PY) -m pytest --nbval-lax nbs -q -p no:randomly -n 2 --dist loadfile
 
 # Quick-mode build into its own folder so its cached (quick) outputs never reach `make book`.
 test-book: install

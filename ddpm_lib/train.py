@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -229,31 +228,18 @@ def _checked_losses(pending: list[Tensor], step: int, info) -> Tensor:
 def _save_samples(ema: nn.Module, diffusion, dcfg: DiffusionConfig, cfg: TrainConfig, shape, null_label, path: Path):
     """A sample grid (images) or scatter plot (2-D points) from the EMA, fixed seed; skipped if unavailable."""
     try:
-        from matplotlib.figure import Figure
-
         from ddpm_lib.samplers import ddpm_sample
+        from ddpm_lib.viz import save_figure
     except ImportError:
+        return
+    if len(shape) not in (1, 3) or (len(shape) == 1 and shape[0] != 2):
         return
     device = next(ema.parameters()).device
     n = cfg.num_samples
     y = None if null_label is None else torch.arange(n, device=device) % null_label
     x = ddpm_sample(ema, diffusion, (n, *shape), steps=min(cfg.sample_steps, diffusion.T), variance=dcfg.variance,
                     prediction=dcfg.prediction, generator=torch.Generator(device).manual_seed(cfg.seed), y=y).cpu()
-    fig = Figure(figsize=(4, 4))
-    ax = fig.subplots()
-    if x.ndim == 2 and x.shape[1] == 2:
-        ax.scatter(x[:, 0], x[:, 1], s=3)
-    elif x.ndim == 4:
-        rows = math.ceil(math.sqrt(n))
-        pad = torch.zeros(rows * rows - n, *x.shape[1:])
-        grid = torch.cat([x, pad]).clamp(-1, 1).add(1).div(2).reshape(rows, rows, *x.shape[1:])
-        image = grid.permute(0, 3, 1, 4, 2).reshape(rows * x.shape[2], rows * x.shape[3], -1).squeeze(-1)
-        ax.imshow(image.numpy(), cmap="gray", vmin=0.0, vmax=1.0, interpolation="nearest")
-        ax.axis("off")
-    else:
-        return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
+    save_figure(x, path)
 
 
 def train(model_config, diffusion_config, train_config, data, *, out_dir, resume: bool = True,
