@@ -23,7 +23,7 @@ from ddpm_lib.gaussian import discretized_gaussian_log_likelihood, normal_kl
 if TYPE_CHECKING:
     from ddpm_lib.diffusion import GaussianDiffusion
 
-__all__ = ["LOSSES", "mean_flat", "vb_terms", "training_losses", "prior_bpd", "nll_bits_per_dim"]
+__all__ = ["LOSSES", "mean_flat", "vb_terms", "training_losses", "prior_bpd", "nll_bits_per_dim", "eps_vlb_weight"]
 
 LOSSES = ("simple", "hybrid", "vlb")
 
@@ -228,3 +228,28 @@ def nll_bits_per_dim(
         vb[:, start : start + k] = terms.reshape(k, B).T * to_bits
     prior = prior_bpd(diffusion, x0)
     return {"total_bpd": prior + vb.sum(dim=1), "prior_bpd": prior, "vb_bpd": vb, "decoder_bpd": vb[:, 0]}
+
+
+def eps_vlb_weight(diffusion: GaussianDiffusion, variance: str = "fixed_small") -> Tensor:
+    r"""Weight of the eps-error in each KL term of the bound, float64 [T] (DDPM eq. 12; book chapter 4).
+
+    With a fixed reverse variance sigma_t^2 and an eps-prediction, the KL term of the bound is
+    L_{t-1} = lambda_t * ||eps - eps_theta(x_t, t)||^2 + C_t, with
+
+        lambda_t = beta_t^2 / (2 sigma_t^2 alpha_t (1 - alpha_bar_t)).
+
+    ``variance`` is ``"fixed_small"`` (sigma_t^2 = beta_tilde_t, the posterior's own variance, so
+    C_t = 0 and ``vb_terms`` at index t equals ``lambda[t] * mse`` of ``training_losses``; here
+    lambda_t also equals (SNR(t-1) / SNR(t) - 1) / 2) or ``"fixed_large"`` (sigma_t^2 = beta_t,
+    C_t = (log(beta_t / beta_tilde_t) + beta_tilde_t / beta_t - 1) / 2, independent of the model).
+    sigma_t^2 is read from ``GaussianDiffusion.model_variance``. Index 0 (the papers' t = 1) uses that method's
+    stand-in variance (beta_tilde of index 1): the bound's term there is the decoder L_0, not a
+    KL, so the value at index 0 is not a term of the bound. L_simple drops lambda_t.
+    """
+    from ddpm_lib.diffusion import _check_choice
+
+    _check_choice("variance", variance, ("fixed_small", "fixed_large"))
+    t = torch.arange(diffusion.T, device=diffusion.betas.device)
+    # the betas serve as a float64 [T] tensor of the right shape for the coefficients read at t
+    sigma2, _ = diffusion.model_variance(t, diffusion.betas, variance)
+    return diffusion.betas**2 / (2 * sigma2 * diffusion.alphas * (1.0 - diffusion.alphas_cumprod))
