@@ -35,13 +35,15 @@ test: install check-notebooks test-lib test-nbs test-book
 check-notebooks: install
 	$(PY) tools/check_notebooks.py nbs
 
+# Two xdist workers on two cores: one torch thread each, or they oversubscribe the CPU and
+# small-tensor loops run many times slower.
 test-lib: install
-	$(PY) -m pytest tests -n 2 -q
+	OMP_NUM_THREADS=1 $(PY) -m pytest tests -n 2 -q
 
 # Notebooks read DDPM_BOOK_QUICK through ddpm_lib.book; stripped notebooks are executed,
 # so the assertions inside their cells are the checks.
 test-nbs: install
-	DDPM_BOOK_QUICK=1 $(PY) -m pytest --nbval-lax nbs -q -p no:randomly -n 2 --dist loadfile
+	DDPM_BOOK_QUICK=1 OMP_NUM_THREADS=1 $(PY) -m pytest --nbval-lax nbs -q -p no:randomly -n 2 --dist loadfile
 
 # Quick-mode build into its own folder so its cached (quick) outputs never reach `make book`.
 test-book: install
