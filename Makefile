@@ -5,15 +5,18 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
+# helper scripts of the Makefile and CI
+CI_DIR := .ci
 # Per-cell timeout of the book build: real training cells must fit (seconds).
 JB_FLAGS := -W -n --keep-going
 QUICK_BUILD := _build/quick
 
-.PHONY: help install test test-lib test-nbs test-book check-notebooks book clean strip
+.PHONY: help install test test-lib test-nbs test-book test-vision check-notebooks book clean strip
 
 help:
 	@echo "make book   - create .venv, install, execute every chapter, write _build/html"
 	@echo "make test   - create .venv, install, run pytest, nbval (quick mode) and a quick -W book build"
+	@echo "make test-vision - torchvision dataset tests in their own venv (.venv-vision; CI runs it)"
 	@echo "make strip  - clear outputs and execution counts of every notebook in nbs/"
 	@echo "make clean  - remove build outputs (keeps .venv)"
 
@@ -21,8 +24,8 @@ $(PY):
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 
-$(STAMP): pyproject.toml tools/install_torch.py | $(PY)
-	$(PY) tools/install_torch.py
+$(STAMP): pyproject.toml $(CI_DIR)/install_torch.py | $(PY)
+	$(PY) $(CI_DIR)/install_torch.py
 	$(PY) -m pip install --quiet -e ".[book,test]"
 	@touch $@
 
@@ -33,7 +36,7 @@ test: install check-notebooks test-lib test-nbs test-book
 	@echo "make test: all checks passed"
 
 check-notebooks: install
-	$(PY) tools/check_notebooks.py nbs
+	$(PY) $(CI_DIR)/check_notebooks.py nbs
 
 # Two xdist workers on two cores: one torch thread each, or they oversubscribe the CPU and
 # small-tensor loops run many times slower.
@@ -50,6 +53,22 @@ test-book: install
 	rm -rf $(QUICK_BUILD)
 	DDPM_BOOK_QUICK=1 $(VENV)/bin/jupyter-book build . $(JB_FLAGS) --path-output $(QUICK_BUILD)
 	test -f $(QUICK_BUILD)/_build/html/index.html
+
+# ---- make test-vision --------------------------------------------------------
+# torchvision's PyPI wheels are built against PyPI's (CUDA) torch and do not import beside a
+# CPU build, so the torchvision loaders get their own venv with whatever torch pip pairs with
+# torchvision. Large (a CUDA torch); kept out of `make test`, run by .ci/run.
+VISION_VENV  ?= .venv-vision
+VISION_STAMP := $(VISION_VENV)/.installed
+
+$(VISION_STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VISION_VENV)
+	$(VISION_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(VISION_VENV)/bin/python -m pip install --quiet -e ".[test,vision]"
+	@touch $@
+
+test-vision: $(VISION_STAMP)
+	OMP_NUM_THREADS=1 $(VISION_VENV)/bin/python -m pytest tests -m vision -q -p no:cacheprovider
 
 # ---- make book -------------------------------------------------------------
 book: install

@@ -24,7 +24,9 @@ Modules are named by concept and meant to be read beside the chapters:
 ``pretrained``            the shipped weights, their manifest and SHA-256 checks
 ``viz``                   image grids and 2-D scatter plots of samples
 ``cli``                   ``python -m ddpm_lib train|sample|eval`` (the ``ddpm`` command)
-``book``                  switches shared by the notebooks (quick mode, device)
+``book``                  switches shared by the notebooks (quick mode, device, one thread)
+``symbolic``              SymPy helpers of the derivations (normal densities, log ratios, display)
+``bench``                 ``python -m ddpm_lib.bench``: training images/s and peak memory
 ========================  ==================================================================
 """
 

@@ -14,8 +14,8 @@ Everything a diffusion model is trained to approximate then has a closed form:
   responsibilities :math:`r_k(x) = p(y = k \mid x_t = x) \propto w_k \mathcal N(x; \sqrt{\bar\alpha_t}\mu_k, C_k)`
   (Bayes' rule; this is also the exact noisy classifier of chapter 10);
 * the optimal noise prediction :math:`\mathbb E[\varepsilon \mid x_t] = -\sqrt{1-\bar\alpha_t}\,\nabla\log p_t(x_t)`
-  (book chapter 9; Song et al. 2021, "Score-based generative modelling", eq. 4 and its
-  discrete form);
+  (book chapter 9; stated in Dhariwal & Nichol 2021, arXiv 2105.05233, §4.2, and the basis of
+  score-based modelling, Song et al. 2021, arXiv 2011.13456);
 * the posterior mean by Tweedie's formula,
   :math:`\mathbb E[x_0 \mid x_t] = \bigl(x_t + (1-\bar\alpha_t)\nabla\log p_t(x_t)\bigr)/\sqrt{\bar\alpha_t}`,
   which equals :math:`\sum_k r_k\bigl(\mu_k + \sqrt{\bar\alpha_t}\Sigma_k C_k^{-1}(x_t - \sqrt{\bar\alpha_t}\mu_k)\bigr)`,
@@ -47,8 +47,9 @@ __all__ = ["GaussianMixture"]
 
 
 class GaussianMixture:
-    r"""A Gaussian mixture :math:`\sum_k w_k \mathcal N(\mu_k, \Sigma_k)` in :math:`\mathbb R^D`, with
-    its exact diffused densities, scores, noise predictions and noisy classifier.
+    r"""A Gaussian mixture :math:`\sum_k w_k \mathcal N(\mu_k, \Sigma_k)` in :math:`\mathbb R^D` (Bishop 2006,
+    §2.3.9), with its exact diffused densities (through Ho et al. 2020, Eq. (4)), scores, noise
+    predictions and noisy classifier.
 
     Args:
         means: [K, D] component means.
@@ -85,21 +86,29 @@ class GaussianMixture:
 
     @property
     def num_components(self) -> int:
+        r"""K, the number of components of :math:`\sum_{k=1}^K w_k\,\mathcal N(\mu_k, \Sigma_k)` (the mixture
+        of Gaussians, Bishop 2006, "Pattern Recognition and Machine Learning", §2.3.9)."""
         return self.means.shape[0]
 
     @property
     def dim(self) -> int:
+        r"""D, the dimension of the data space :math:`\mathbb R^D` of the mixture (Bishop 2006, §2.3.9)."""
         return self.means.shape[1]
 
     def sample(self, n: int, generator: torch.Generator | None = None, return_labels: bool = False):
-        """``n`` samples, float64 [n, D] on the CPU (and their component labels [n] if asked)."""
+        r"""``n`` samples, float64 [n, D] on the CPU (and their component labels [n] if asked), by
+        ancestral sampling of the latent label: :math:`k \sim \mathrm{Cat}(w)`, then
+        :math:`x = \mu_k + L_k z` with :math:`L_k L_k^\top = \Sigma_k`, :math:`z \sim \mathcal N(0, I)`
+        (ancestral sampling, Bishop 2006, §8.1.2 and §9.2; no single equation)."""
         labels = torch.multinomial(self.weights, n, replacement=True, generator=generator)
         z = torch.randn(n, self.dim, generator=generator, dtype=torch.float64)
         x = self.means[labels] + (self.scale_tril[labels] @ z[..., None])[..., 0]
         return (x, labels) if return_labels else x
 
     def noised(self, alpha_bar: float) -> "GaussianMixture":
-        r"""The marginal of :math:`x_t` for :math:`\bar\alpha_t` = ``alpha_bar`` (book eq. ``q-xt-x0``)."""
+        r"""The marginal of :math:`x_t` for :math:`\bar\alpha_t` = ``alpha_bar``: each component pushed
+        through q(x_t | x_0) of Ho et al. 2020, Eq. (4), giving
+        :math:`\sum_k w_k\,\mathcal N(\sqrt{\bar\alpha_t}\mu_k, \bar\alpha_t\Sigma_k + (1-\bar\alpha_t)I)` (book eq. ``q-xt-x0``)."""
         a = float(alpha_bar)
         eye = torch.eye(self.dim, dtype=torch.float64)
         return GaussianMixture(math.sqrt(a) * self.means, a * self.covs + (1 - a) * eye, self.weights)
@@ -107,13 +116,16 @@ class GaussianMixture:
     # -- densities --------------------------------------------------------------------------
 
     def component_log_prob(self, x: Tensor) -> Tensor:
-        r""":math:`\log \mathcal N(x; \mu_k, \Sigma_k)` for every component, [N, K] (weights not included)."""
+        r""":math:`\log \mathcal N(x; \mu_k, \Sigma_k)` for every component, [N, K] (weights not included;
+        the multivariate Gaussian density, Bishop 2006, Eq. (2.43))."""
         x64 = self._flat(x)
         logp, _ = _gaussian_terms(x64, self.means.to(x64.device), self.scale_tril.to(x64.device))
         return logp.to(x.dtype)
 
     def log_prob(self, x: Tensor) -> Tensor:
-        r""":math:`\log p(x) = \operatorname{logsumexp}_k (\log w_k + \log\mathcal N(x;\mu_k,\Sigma_k))`, [N]."""
+        r""":math:`\log p(x) = \operatorname{logsumexp}_k (\log w_k + \log\mathcal N(x;\mu_k,\Sigma_k))`, [N]:
+        the log of the mixture density :math:`\sum_k w_k\,\mathcal N(x; \mu_k, \Sigma_k)` (Bishop 2006,
+        §2.3.9), summed stably in log space."""
         x64 = self._flat(x)
         logp, _ = _gaussian_terms(x64, self.means.to(x64.device), self.scale_tril.to(x64.device))
         return torch.logsumexp(logp + self.weights.to(x64.device).log(), dim=-1).to(x.dtype)
@@ -121,20 +133,27 @@ class GaussianMixture:
     # -- the diffused mixture at timestep t ---------------------------------------------------
 
     def score(self, x_t: Tensor, t: Tensor, diffusion) -> Tensor:
-        r""":math:`\nabla_{x_t}\log p_t(x_t) = \sum_k r_k(x_t)\,s_k(x_t)`, shaped like ``x_t``."""
+        r""":math:`\nabla_{x_t}\log p_t(x_t) = \sum_k r_k(x_t)\,s_k(x_t)`, shaped like ``x_t``: the exact score
+        of the diffused mixture (:meth:`noised`), the responsibility-weighted component scores
+        :math:`s_k = -C_k^{-1}(x_t - \sqrt{\bar\alpha_t}\mu_k)`. It is what a trained eps-model estimates,
+        :math:`\nabla\log p_t = -\varepsilon/\sqrt{1-\bar\alpha_t}` (Dhariwal & Nichol 2021, arXiv
+        2105.05233, §4.2; derived in the module docstring)."""
         log_joint, scores, _ = self._noisy_terms(x_t, t, diffusion)
         score = (log_joint.softmax(-1)[..., None] * scores).sum(1)
         return score.reshape(x_t.shape).to(x_t.dtype)
 
     def class_posterior(self, x_t: Tensor, t: Tensor, diffusion) -> Tensor:
         r"""The exact noisy classifier :math:`\log p(y = k \mid x_t)`, [B, K] (Bayes' rule on
-        :math:`w_k\,\mathcal N(x_t; \sqrt{\bar\alpha_t}\mu_k, C_k)`; rows logsumexp to 0)."""
+        :math:`w_k\,\mathcal N(x_t; \sqrt{\bar\alpha_t}\mu_k, C_k)`, the responsibilities of Bishop 2006,
+        §9.2, of the noised mixture; rows logsumexp to 0). It is the :math:`p_\phi(y \mid x_t)`
+        that classifier guidance trains a network for (Dhariwal & Nichol 2021, §4, Eq. (14))."""
         log_joint, _, _ = self._noisy_terms(x_t, t, diffusion)
         return log_joint.log_softmax(-1).to(x_t.dtype)
 
     def classifier(self, diffusion) -> Callable[[Tensor, Tensor], Tensor]:
-        """``classifier(x_t, t) -> logits [B, K]`` for classifier guidance (the log-posterior
-        itself, so its log-softmax is :meth:`class_posterior`). Differentiable in ``x_t``."""
+        """``classifier(x_t, t) -> logits [B, K]`` for classifier guidance (Dhariwal & Nichol 2021,
+        Eq. (14)): the log-posterior itself, so its log-softmax is :meth:`class_posterior`.
+        Differentiable in ``x_t``."""
 
         def classifier(x_t: Tensor, t: Tensor) -> Tensor:
             return self.class_posterior(x_t, t, diffusion)
@@ -142,7 +161,9 @@ class GaussianMixture:
         return classifier
 
     def posterior_mean(self, x_t: Tensor, t: Tensor, diffusion) -> Tensor:
-        r""":math:`\mathbb E[x_0 \mid x_t]` by Tweedie's formula (see the module docstring)."""
+        r""":math:`\mathbb E[x_0 \mid x_t] = (x_t - \sqrt{1-\bar\alpha_t}\,\mathbb E[\varepsilon \mid x_t])/\sqrt{\bar\alpha_t}`:
+        Tweedie's formula (Efron 2011, "Tweedie's formula and selection bias", JASA; see the
+        module docstring), the exact version of Ho et al. 2020, Eq. (15)."""
         a = alpha_bar_at(diffusion, t).to(x_t.device)
         a = a.reshape(-1, *([1] * (x_t.ndim - 1)))
         eps = self.eps_model(diffusion)(x_t.to(torch.float64), t)
@@ -155,7 +176,7 @@ class GaussianMixture:
         [B] of component labels) it returns the conditional
         :math:`\mathbb E[\varepsilon \mid x_t, y] = \sqrt{1-\bar\alpha_t}\,C_y^{-1}(x_t - \sqrt{\bar\alpha_t}\mu_y)`
         of component ``y`` alone. This is the minimiser of the DDPM loss (Ho et al. 2020, eq. 14),
-        the "perfect denoiser" of chapter 5.
+        the "perfect denoiser" of chapter 5; an eps-model in the sense of Ho et al. 2020, Eq. (11).
         """
 
         def model(x_t: Tensor, t: Tensor, y: Tensor | None = None) -> Tensor:

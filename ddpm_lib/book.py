@@ -7,12 +7,14 @@ configuration that still executes every cell and every assertion.
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from typing import TypeVar
 
 import torch
 
-__all__ = ["QUICK_ENV", "quick_mode", "pick", "default_device", "generator"]
+__all__ = ["QUICK_ENV", "quick_mode", "pick", "default_device", "generator", "single_thread"]
 
 QUICK_ENV = "DDPM_BOOK_QUICK"
 _T = TypeVar("_T")
@@ -43,3 +45,19 @@ def generator(seed: int, device: torch.device | str = "cpu") -> torch.Generator:
     g = torch.Generator(device=device)
     g.manual_seed(seed)
     return g
+
+
+@contextlib.contextmanager
+def single_thread() -> Iterator[None]:
+    """Run the enclosed code with one PyTorch CPU thread, then restore the previous count.
+
+    Loops over small tensors (a 2-D toy model, an 8x8 digits network) run fastest on one thread,
+    above all on a small CPU shared with other work, where extra threads only contend. The count
+    is restored even if the block raises.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)

@@ -62,6 +62,9 @@ def train_classifier(model_config, train_config, data, *, diffusion_config=None,
     info = distributed.setup(cfg.device)
     device = info.device
     try:
+        if info.world_size > 1:  # W copies of one run would race on out_dir: refuse instead
+            raise ValueError(f"classifier training runs in one process; it was started on {info.world_size} "
+                             f"ranks (torchrun): run it without torchrun")
         # 1. set-up: model, EMA, optimiser, generators, data (labels required)
         torch.manual_seed(cfg.seed)
         model = build_model(_normalize(model_config)).to(device)

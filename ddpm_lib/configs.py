@@ -31,7 +31,7 @@ LR_SCHEDULES = {
 
 _TYPES = {
     "int": (int,), "float": (float, int), "bool": (bool,), "str": (str,),
-    "float | None": (float, int, type(None)), "str | None": (str, type(None)),
+    "float | None": (float, int, type(None)), "str | None": (str, type(None)), "int | None": (int, type(None)),
 }
 
 
@@ -119,17 +119,29 @@ class DiffusionConfig(_JSONConfig):
 
 @dataclass(frozen=True)
 class TrainConfig(_JSONConfig):
-    """How to train: AdamW, warm-up, clipping, EMA, label dropout, logging and checkpoints.
+    """How to train: AdamW, warm-up, clipping, EMA, label dropout, logging, samples and checkpoints.
 
     ``batch_size`` is the GLOBAL batch: under DDP each of the W ranks gets batch_size / W
     examples, so a run gives the same result whatever W (to float tolerance).
+    ``grad_clip``: the gradients' global L2 norm is clipped to this value before the AdamW step
+    (``torch.nn.utils.clip_grad_norm_``); the log's ``grad_norm`` is the norm BEFORE clipping.
     ``ema_warmup``: the EMA decay at optimiser step n is min(ema_decay, (1 + n) / (10 + n))
     (``ddpm_lib.ema.ema_decay``; pitfall 7). ``label_dropout``: probability of replacing a
     label by the null label (= the model's num_classes) for classifier-free guidance
-    (chapter 11; pitfall 8). ``sample_every = 0`` never samples; ``checkpoint_every = 0``
-    checkpoints only at the end. ``bf16``, ``channels_last`` and ``compile`` act on CUDA only
-    and are silently ignored elsewhere, so one config serves a Colab GPU and a laptop CPU.
-    ``device = None`` picks CUDA when available.
+    (chapter 11; pitfall 8).
+
+    Every ``sample_every`` steps (and at the last step; 0 never) the EMA draws ``num_samples``
+    samples with ``sample_steps`` deterministic DDIM steps (eta = 0; Song et al. 2021) from ONE
+    fixed x_T (seeded by ``seed``), so successive grids differ only by training; models that
+    predict x0 or v use ancestral DDPM from the same seed. The grid (images) or scatter plot
+    (2-D) goes to ``out_dir/samples/step_NNNNNNN.png`` and its metrics to ``log.jsonl``.
+    ``checkpoint_every = 0`` checkpoints only at the end.
+
+    ``bf16``, ``channels_last`` and ``compile`` act on CUDA only; on the CPU bf16 and
+    channels_last are ignored by design (one config serves a Colab GPU and a laptop), and
+    ``compile`` is ignored with a warning. ``device = None`` picks CUDA when available.
+    ``data_workers`` threads read the items of a map-style Dataset (e.g. image files) in
+    parallel; the batches are the same whatever the count.
     """
 
     steps: int = 10_000
@@ -146,17 +158,18 @@ class TrainConfig(_JSONConfig):
     log_every: int = 100
     sample_every: int = 0
     num_samples: int = 64
-    sample_steps: int = 50  # DDIM steps for the sample grids: cheap, deterministic
+    sample_steps: int = 50  # deterministic DDIM steps (eta = 0) of the sample grids, from a fixed x_T
     checkpoint_every: int = 1000
     bf16: bool = False
     channels_last: bool = False
     compile: bool = False
     device: str | None = None
+    data_workers: int = 0
 
     def validate(self) -> None:
         for name in ("steps", "batch_size", "log_every", "num_samples", "sample_steps"):
             self._require(getattr(self, name) >= 1, name, "must be >= 1")
-        for name in ("warmup_steps", "sample_every", "checkpoint_every", "seed", "weight_decay"):
+        for name in ("warmup_steps", "sample_every", "checkpoint_every", "seed", "weight_decay", "data_workers"):
             self._require(getattr(self, name) >= 0, name, "must be >= 0")
         self._require(self.lr > 0, "lr", "must be > 0")
         self._require(self.lr_schedule in LR_SCHEDULES, "lr_schedule", f"must be one of {sorted(LR_SCHEDULES)}")

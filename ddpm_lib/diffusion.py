@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 from ddpm_lib import losses
+from ddpm_lib.gaussian import standard_normal
 from ddpm_lib.schedules import check_betas, get_betas, respace_betas
 
 __all__ = ["extract", "GaussianDiffusion", "VARIANCES", "PREDICTIONS"]
@@ -38,7 +39,9 @@ def _check_choice(kind: str, value: str, allowed: Sequence[str]) -> None:
 
 
 def extract(a: Tensor, t: Tensor, x: Tensor) -> Tensor:
-    """``a[t]`` cast to x's dtype and device, shaped [B, 1, ..., 1] to broadcast against x.
+    """``a[t]`` cast to x's dtype and device, shaped [B, 1, ..., 1] to broadcast against x: reads
+    the per-timestep coefficients (sqrt(alpha_bar_t), beta-tilde_t, ...) of Ho et al. 2020,
+    Eqs. (4)-(7), at a batch of timesteps.
 
     The one indexing helper (STYLE 5): every per-timestep coefficient is read through it,
     so schedules stay float64 until the moment of use. ``a`` is 1-D [T]; ``t`` an integer
@@ -62,7 +65,8 @@ def _check_same_shape(name_a: str, a: Tensor, name_b: str, b: Tensor) -> None:
 
 
 class GaussianDiffusion:
-    """A discrete Gaussian diffusion chain (DDPM, Ho et al. 2020), float64 schedule.
+    """A discrete Gaussian diffusion chain (DDPM, Ho et al. 2020, arXiv 2006.11239, Eqs. (1)-(7)),
+    float64 schedule.
 
     Args:
         betas: 1-D schedule [T] in (0, 1) (the last may be 1: zero terminal SNR).
@@ -109,25 +113,29 @@ class GaussianDiffusion:
 
     @classmethod
     def from_name(cls, name: str, T: int = 1000, **kwargs) -> "GaussianDiffusion":
-        """Chain with a named schedule (``"linear"`` or ``"cosine"``; see ``schedules.get_betas``)."""
+        """Chain with a named schedule: ``"linear"`` (Ho et al. 2020, §4) or ``"cosine"`` (Nichol &
+        Dhariwal 2021, Eq. (17)); see ``schedules.get_betas``."""
         return cls(get_betas(name, T, **kwargs))
 
     @property
     def num_timesteps(self) -> int:
-        """Number of steps of this chain (alias of ``T``)."""
+        """Number of steps T of this chain (alias of ``T``; the T of Ho et al. 2020, Eq. (2))."""
         return self.T
 
     def respace(self, kept: Sequence[int] | Tensor) -> "GaussianDiffusion":
         """The shorter chain through the steps ``kept`` (indices into THIS chain, strictly
         increasing, e.g. from ``schedules.space_timesteps``), with betas recomputed by
-        ``respace_betas`` so its marginals at the kept steps are unchanged (improved DDPM,
-        sec. 4). Its ``timesteps`` are the ORIGINAL timesteps of the kept steps.
+        ``respace_betas`` so its marginals at the kept steps are unchanged: Nichol & Dhariwal
+        2021, arXiv 2102.09672, §4, beta_{S_t} = 1 - alpha_bar_{S_t} / alpha_bar_{S_{t-1}} (an
+        in-text formula, no equation number). Its ``timesteps`` are the ORIGINAL timesteps of
+        the kept steps, which the model receives (pitfall 10).
         """
         kept = torch.as_tensor(kept, dtype=torch.long, device=self.betas.device).reshape(-1)
         return GaussianDiffusion(respace_betas(self.betas, kept), timesteps=self.timesteps[kept])
 
     def to(self, device: torch.device | str) -> "GaussianDiffusion":
-        """A copy with every tensor on ``device`` (self is not modified)."""
+        """A copy with every tensor on ``device`` (self is not modified); the schedule of Ho et al.
+        2020, Eqs. (2)-(7), unchanged, in float64."""
         moved = copy.copy(self)
         for name, value in vars(self).items():
             if isinstance(value, Tensor):
@@ -140,7 +148,7 @@ class GaussianDiffusion:
     # --- forward process: q(x_t | x_0) and q(x_{t-1} | x_t, x_0) -----------------------
 
     def q_mean_variance(self, x0: Tensor, t: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """Mean, variance and log-variance of q(x_t | x_0) (DDPM eq. 4); each broadcastable to x0."""
+        """Mean, variance and log-variance of q(x_t | x_0) (Ho et al. 2020, Eq. (4)); each broadcastable to x0."""
         mean = self.sqrt_ab(t, x0)[0] * x0
         variance = extract(1.0 - self.alphas_cumprod, t, x0)
         log_variance = extract((1.0 - self.alphas_cumprod).log(), t, x0)
@@ -149,25 +157,28 @@ class GaussianDiffusion:
     def q_sample(
         self, x0: Tensor, t: Tensor, noise: Tensor | None = None, *, generator: torch.Generator | None = None
     ) -> Tensor:
-        """Draw x_t ~ q(x_t | x_0): sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps (DDPM eq. 4).
+        """Draw x_t ~ q(x_t | x_0): sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps (Ho et al. 2020, Eq. (4)).
 
-        Pass the noise eps (same shape as x0) or a ``generator`` to draw it from.
+        Pass the noise eps (same shape as x0) or a ``generator`` to draw it from; the draw is
+        made on the generator's device and moved to x0's, so a CPU generator works with CUDA data.
         """
         if noise is None:
             if generator is None:
                 raise ValueError("q_sample needs noise= or generator= (no hidden global RNG)")
-            noise = torch.randn(x0.shape, generator=generator, dtype=x0.dtype, device=x0.device)
+            noise = standard_normal(x0.shape, generator, dtype=x0.dtype, device=x0.device)
         _check_same_shape("x0", x0, "noise", noise)
         sqrt_ab, sqrt_1m_ab = self.sqrt_ab(t, x0)
         return sqrt_ab * x0 + sqrt_1m_ab * noise
 
     def q_posterior_mean(self, x0: Tensor, x_t: Tensor, t: Tensor) -> Tensor:
-        """Mean of q(x_{t-1} | x_t, x_0): coef1 x_0 + coef2 x_t (DDPM eq. 7)."""
+        """Mean of q(x_{t-1} | x_t, x_0): coef1 x_0 + coef2 x_t (Ho et al. 2020, Eq. (7)).
+        ValueError if x0 and x_t differ in shape."""
         _check_same_shape("x0", x0, "x_t", x_t)
         return extract(self.posterior_mean_coef1, t, x_t) * x0 + extract(self.posterior_mean_coef2, t, x_t) * x_t
 
     def q_posterior_mean_variance(self, x0: Tensor, x_t: Tensor, t: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """Mean, variance beta_tilde_t and clipped log-variance of q(x_{t-1} | x_t, x_0) (DDPM eq. 6-7).
+        """Mean, variance beta_tilde_t and clipped log-variance of q(x_{t-1} | x_t, x_0) (Ho et al. 2020,
+        Eqs. (6)-(7)). ValueError ("shape mismatch") if x0 and x_t differ in shape.
 
         At t = 0 the variance is 0 and the log-variance is log beta_tilde of index 1 (pitfall 5).
         """
@@ -178,31 +189,38 @@ class GaussianDiffusion:
 
     def sqrt_ab(self, t: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
         """(sqrt(alpha_bar_t), sqrt(1 - alpha_bar_t)), each [B, 1, ..., 1] in x's dtype: the signal
-        and noise scales of q(x_t | x_0) that every conversion below reads."""
+        and noise scales of q(x_t | x_0) (Ho et al. 2020, Eq. (4)) that every conversion below reads."""
         return extract(self.sqrt_alphas_cumprod, t, x), extract(self.sqrt_one_minus_alphas_cumprod, t, x)
 
     def predict_x0_from_eps(self, x_t: Tensor, t: Tensor, eps: Tensor) -> Tensor:
-        """x0_hat = (x_t - sqrt(1 - alpha_bar_t) eps) / sqrt(alpha_bar_t)  (DDPM eq. 4 inverted; eq. 15)."""
+        """x0_hat = (x_t - sqrt(1 - alpha_bar_t) eps) / sqrt(alpha_bar_t)  (Ho et al. 2020, Eq. (15): Eq. (4) inverted)."""
         sqrt_ab, sqrt_1m_ab = self.sqrt_ab(t, x_t)
         return (x_t - sqrt_1m_ab * eps) / sqrt_ab
 
     def predict_eps_from_x0(self, x_t: Tensor, t: Tensor, x0: Tensor) -> Tensor:
-        """eps_hat = (x_t - sqrt(alpha_bar_t) x0) / sqrt(1 - alpha_bar_t); finite even at alpha_bar = 0."""
+        """eps_hat = (x_t - sqrt(alpha_bar_t) x0) / sqrt(1 - alpha_bar_t): Ho et al. 2020, Eq. (4),
+        x_t = sqrt(alpha_bar_t) x0 + sqrt(1 - alpha_bar_t) eps, solved for eps (the eps of an
+        x0-predicting model); finite even at alpha_bar = 0."""
         sqrt_ab, sqrt_1m_ab = self.sqrt_ab(t, x_t)
         return (x_t - sqrt_ab * x0) / sqrt_1m_ab
 
     def predict_v(self, x0: Tensor, t: Tensor, eps: Tensor) -> Tensor:
-        """v = sqrt(alpha_bar_t) eps - sqrt(1 - alpha_bar_t) x0  (Salimans & Ho 2022, sec. 4)."""
+        """v = sqrt(alpha_bar_t) eps - sqrt(1 - alpha_bar_t) x0: the v-prediction target
+        v = alpha_t eps - sigma_t x of Salimans & Ho 2022 (arXiv 2202.00512, §4), with
+        alpha_t = sqrt(alpha_bar_t), sigma_t = sqrt(1 - alpha_bar_t)."""
         sqrt_ab, sqrt_1m_ab = self.sqrt_ab(t, x0)
         return sqrt_ab * eps - sqrt_1m_ab * x0
 
     def predict_x0_from_v(self, x_t: Tensor, t: Tensor, v: Tensor) -> Tensor:
-        """x0_hat = sqrt(alpha_bar_t) x_t - sqrt(1 - alpha_bar_t) v  (Salimans & Ho 2022, appendix D)."""
+        """x0_hat = sqrt(alpha_bar_t) x_t - sqrt(1 - alpha_bar_t) v  (Salimans & Ho 2022, arXiv 2202.00512,
+        Appendix D: x = alpha_t z_t - sigma_t v)."""
         sqrt_ab, sqrt_1m_ab = self.sqrt_ab(t, x_t)
         return sqrt_ab * x_t - sqrt_1m_ab * v
 
     def predict_eps_from_v(self, x_t: Tensor, t: Tensor, v: Tensor) -> Tensor:
-        """eps_hat = sqrt(1 - alpha_bar_t) x_t + sqrt(alpha_bar_t) v  (Salimans & Ho 2022)."""
+        """eps_hat = sqrt(1 - alpha_bar_t) x_t + sqrt(alpha_bar_t) v: from v = alpha_t eps - sigma_t x
+        (Salimans & Ho 2022, arXiv 2202.00512, §4 and Appendix D, eps = sigma_t z_t + alpha_t v)
+        with alpha_t^2 + sigma_t^2 = 1; finite at alpha_bar = 0 (zero terminal SNR)."""
         sqrt_ab, sqrt_1m_ab = self.sqrt_ab(t, x_t)
         return sqrt_1m_ab * x_t + sqrt_ab * v
 
@@ -210,7 +228,9 @@ class GaussianDiffusion:
 
     def split_model_output(self, model_output: Tensor, x_t: Tensor, variance: str) -> tuple[Tensor, Tensor | None]:
         """(prediction, variance values v or None): a ``learned_range`` model outputs 2C
-        channels along dim 1, the prediction first and v in [-1, 1] last (improved DDPM)."""
+        channels along dim 1, the prediction first and v in [-1, 1] last, v being the
+        interpolation weight of Nichol & Dhariwal 2021, arXiv 2102.09672, Eq. (15) (read through
+        ``model_variance``). Other variances need an output shaped like x_t."""
         _check_choice("variance", variance, VARIANCES)
         if variance != "learned_range":
             _check_same_shape("model output", model_output, "x_t", x_t)
@@ -226,7 +246,8 @@ class GaussianDiffusion:
     def model_variance(
         self, t: Tensor, x_t: Tensor, variance: str, var_values: Tensor | None = None
     ) -> tuple[Tensor, Tensor]:
-        """Variance and log-variance of p(x_{t-1} | x_t), broadcastable to x_t.
+        """Variance and log-variance of p(x_{t-1} | x_t) (Ho et al. 2020, Eq. (1), Sigma_theta = sigma_t^2 I,
+        §3.2; Nichol & Dhariwal 2021, Eq. (15)), broadcastable to x_t.
 
         * ``fixed_small``: beta_tilde_t, log clipped at index 0 (DDPM sec. 3.2, lower bound).
         * ``fixed_large``: beta_t, except beta_tilde of index 1 at index 0, as the reference
@@ -250,7 +271,9 @@ class GaussianDiffusion:
         return log_var.exp(), log_var
 
     def pred_x0_eps(self, pred: Tensor, x_t: Tensor, t: Tensor, prediction: str) -> tuple[Tensor, Tensor]:
-        """(x0_hat, eps_hat) from a model's prediction of eps, x0 or v (the one conversion boundary)."""
+        """(x0_hat, eps_hat) from a model's prediction of eps, x0 or v (the one conversion boundary):
+        eps via Ho et al. 2020, Eq. (15); x0 via Eq. (4) solved for eps; v via Salimans & Ho 2022,
+        Appendix D."""
         _check_choice("prediction", prediction, PREDICTIONS)
         if prediction == "eps":
             return self.predict_x0_from_eps(x_t, t, pred), pred
@@ -268,7 +291,8 @@ class GaussianDiffusion:
         prediction: str = "eps",
         clip_denoised: bool = False,
     ) -> dict[str, Tensor]:
-        """``p_mean_variance`` for a model output already computed (see there)."""
+        """``p_mean_variance`` for a model output already computed (Ho et al. 2020, Eq. (11) in its
+        x0 form, the mean of Eq. (7) with x0_hat; see there)."""
         pred, var_values = self.split_model_output(model_output, x_t, variance)
         var, log_var = self.model_variance(t, x_t, variance, var_values)
         # 1. predict x0 (and eps) from the model's output
@@ -300,7 +324,8 @@ class GaussianDiffusion:
         clip_denoised: bool = False,
         model_kwargs: dict | None = None,
     ) -> dict[str, Tensor]:
-        """Mean and variance of the reverse step p(x_{t-1} | x_t) (DDPM eq. 1, 11; improved DDPM eq. 15).
+        """Mean and variance of the reverse step p(x_{t-1} | x_t) (Ho et al. 2020, Eqs. (1), (11);
+        Nichol & Dhariwal 2021, Eq. (15)).
 
         Calls ``model(x_t, model_t, **model_kwargs)``. ``model_t`` defaults to
         ``self.timesteps[t]``: the ORIGINAL timesteps, so on a respaced chain the model
@@ -328,13 +353,16 @@ class GaussianDiffusion:
     # --- losses and likelihood (ddpm_lib.losses) ---------------------------------------
 
     def training_losses(self, model, x0, t, noise=None, **kwargs) -> dict[str, Tensor]:
-        """Per-example training losses; see ``ddpm_lib.losses.training_losses``."""
+        """Per-example training losses (Ho et al. 2020, Algorithm 1 and Eq. (14); Nichol & Dhariwal
+        2021, Eq. (16)); see ``ddpm_lib.losses.training_losses``."""
         return losses.training_losses(self, model, x0, t, noise, **kwargs)
 
     def prior_bpd(self, x0: Tensor) -> Tensor:
-        """KL(q(x_T | x_0) || N(0, I)) in bits per dimension [B]; see ``ddpm_lib.losses.prior_bpd``."""
+        """L_T = KL(q(x_T | x_0) || N(0, I)) (Ho et al. 2020, Eq. (5)) in bits per dimension [B]; see
+        ``ddpm_lib.losses.prior_bpd``."""
         return losses.prior_bpd(self, x0)
 
     def nll_bits_per_dim(self, model, x0, **kwargs) -> dict[str, Tensor]:
-        """Variational bound on -log p(x_0) in bits/dim; see ``ddpm_lib.losses.nll_bits_per_dim``."""
+        """Variational bound on -log p(x_0) (Ho et al. 2020, Eqs. (3), (5)) in bits/dim; see
+        ``ddpm_lib.losses.nll_bits_per_dim``."""
         return losses.nll_bits_per_dim(self, model, x0, **kwargs)

@@ -12,6 +12,18 @@ timesteps, noise, label-dropout mask) from identically seeded generators, and ke
 its own contiguous slice (:func:`shard`). DDP averages the gradients of the W equal
 slices, which is the gradient of the global batch's mean loss, so a run on W ranks matches
 a single process with the same ``batch_size`` up to floating-point summation order.
+
+**No DistributedSampler.** The usual recipe, a ``DataLoader`` per rank with a
+``DistributedSampler``, pads the data to a multiple of W by repeating examples and ends each
+epoch with a short or dropped batch, so what a run sees depends on W; and the sampler's
+position inside an epoch is in no checkpoint, so a resumed run restarts its epoch. Here the
+index stream of ``ddpm_lib.train.BatchStream`` (seeded ``randperm`` passes that batches run
+across, checkpointed as a generator state and a position) is drawn identically on every rank
+and sharded, for tensors and map-style Datasets alike: the same global batches whatever W,
+and an exact resume.
+
+**Rank 0 writes.** Logs, sample grids, checkpoints, ``run.json`` and printed messages come
+from rank 0 only (:attr:`DistInfo.is_main`, or :func:`is_main_process` before set-up).
 """
 
 from __future__ import annotations
@@ -23,7 +35,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-__all__ = ["DistInfo", "setup", "teardown", "shard", "mean_across_ranks"]
+__all__ = ["DistInfo", "setup", "teardown", "shard", "mean_across_ranks", "is_main_process"]
 
 
 @dataclass(frozen=True)
@@ -49,6 +61,14 @@ def _env_int(name: str, default: int) -> int:
         return default if value is None else int(value)
     except ValueError:
         raise ValueError(f"environment variable {name} must be an integer, got {value!r}") from None
+
+
+def is_main_process() -> bool:
+    """Whether this process is rank 0 (or the only one): from the process group once started,
+    else from torchrun's ``RANK`` (so a launcher can decide before :func:`setup`)."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank() == 0
+    return _env_int("RANK", 0) == 0
 
 
 def setup(device: str | None = None) -> DistInfo:

@@ -1,4 +1,4 @@
-"""Gaussian helpers shared by the losses and the likelihood.
+"""Gaussian helpers shared by the forward process, the samplers, the losses and the likelihood.
 
 The appendix chapter ("A Gaussian toolkit") derives each formula here with SymPy and
 then checks these functions against it numerically.
@@ -11,11 +11,31 @@ import math
 import torch
 from torch import Tensor
 
-__all__ = ["normal_kl", "log_normal_diff_cdf", "discretized_gaussian_log_likelihood"]
+__all__ = ["standard_normal", "normal_kl", "log_normal_diff_cdf", "discretized_gaussian_log_likelihood"]
+
+
+def standard_normal(
+    shape, generator: torch.Generator | None = None, *, dtype: torch.dtype | None = None, device=None
+) -> Tensor:
+    r"""A draw of :math:`\varepsilon \sim \mathcal N(0, I)` of ``shape``: the noise of the forward process
+    (Ho et al. 2020, Eq. (4) and Algorithm 1) and of ancestral sampling (Algorithm 2, line 3).
+
+    The one noise helper of ``q_sample``, the losses and every sampler. The noise is drawn on the GENERATOR's device and
+    then moved to ``device``: torch refuses a CPU generator for a CUDA tensor, and drawing where
+    the generator lives makes one seed give the same numbers wherever the data are. Without a
+    generator the global RNG of ``device`` is used. ``device`` defaults to the generator's (else
+    the CPU); ``dtype`` to torch's default.
+    """
+    if device is None:
+        device = generator.device if generator is not None else torch.device("cpu")
+    draw_on = generator.device if generator is not None else device
+    return torch.randn(tuple(shape), generator=generator, dtype=dtype, device=draw_on).to(device)
 
 
 def normal_kl(mean1: Tensor, logvar1: Tensor, mean2: Tensor, logvar2: Tensor) -> Tensor:
-    r"""KL( N(mean1, e^logvar1) || N(mean2, e^logvar2) ), elementwise, in nats.
+    r"""KL( N(mean1, e^logvar1) || N(mean2, e^logvar2) ), elementwise, in nats: the terms
+    L_T and L_{t-1} of the bound (Ho et al. 2020, Eq. (5)) are KLs between Gaussians, computed in
+    this closed form (Kingma & Welling 2014, arXiv 1312.6114, Appendix B, derive the case p = N(0, I)).
 
     The closed form derived in the appendix (eq. ``kl-univariate``):
     :math:`\tfrac12\bigl(\log\tfrac{\sigma_2^2}{\sigma_1^2} + \tfrac{\sigma_1^2 + (\mu_1-\mu_2)^2}{\sigma_2^2} - 1\bigr)`.
@@ -32,7 +52,8 @@ def normal_kl(mean1: Tensor, logvar1: Tensor, mean2: Tensor, logvar2: Tensor) ->
 
 
 def log_normal_diff_cdf(a: Tensor, b: Tensor) -> Tensor:
-    """log(Phi(b) - Phi(a)) for a < b, accurate in both tails.
+    """log(Phi(b) - Phi(a)) for a < b, accurate in both tails: the log-mass of one bin of the
+    discretised decoder (Ho et al. 2020, Eq. (13)), with Phi the standard normal CDF.
 
     Uses the symmetry Phi(b) - Phi(a) = Phi(-a) - Phi(-b) so that the subtraction is always
     done on the side where both CDF values are small.
@@ -51,7 +72,7 @@ def discretized_gaussian_log_likelihood(
 ) -> Tensor:
     r"""Log-probability of data on a uniform grid under a Gaussian discretised to that grid.
 
-    The decoder :math:`p_\theta(x_0 | x_1)` of DDPM (Ho et al. 2020, eq. 13): data takes
+    The decoder :math:`p_\theta(x_0 | x_1)` of DDPM (Ho et al. 2020, Eq. (13)): data takes
     ``num_levels`` values evenly spaced in [-1, 1] (256 for 8-bit images, 17 for the
     scikit-learn digits), each bin has half-width ``delta = 1 / (num_levels - 1)``, and the two
     edge bins extend to -inf and +inf. ``log_scale`` is the log standard deviation.

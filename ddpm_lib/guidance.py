@@ -16,6 +16,7 @@ guidance acts on the eps half (``samplers.split_eps``), as in GLIDE.
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Callable
 
 import torch
@@ -41,17 +42,34 @@ def _with_rest(eps: Tensor, rest: Tensor | None) -> Tensor:
     return eps if rest is None else torch.cat([eps, rest], dim=1)
 
 
-def classifier_free(model: Callable[..., Tensor], w: float, null_label: int) -> Callable[..., Tensor]:
-    r"""Classifier-free guidance (Ho & Salimans 2022, eq. 6; book chapter 11):
+def classifier_free(model: Callable[..., Tensor], w: float, null_label: int | None = None) -> Callable[..., Tensor]:
+    r"""Classifier-free guidance (Ho & Salimans 2022, arXiv 2207.12598, Eq. (6); book chapter 11):
 
     .. math:: \tilde\varepsilon(x_t, t, y) = (1 + w)\,\varepsilon(x_t, t, y) - w\,\varepsilon(x_t, t, \varnothing).
 
-    ``w = 0`` is the plain conditional model; ``w > 0`` sharpens towards the implicit
-    classifier :math:`p(y \mid x_t) \propto p(x_t \mid y)/p(x_t)`. The "guidance scale" ``s`` of
-    other codebases (GLIDE, Stable Diffusion) is ``s = 1 + w`` (pitfall 10). ``null_label`` is
-    the label reserved for "no condition", used with label dropout in training (pitfall 8).
-    Both evaluations run as ONE forward pass on the concatenated batch [x; x].
+    Convention (Ho and Salimans'): ``w = 0`` is the plain conditional model, ``w > 0`` sharpens
+    towards the implicit classifier :math:`p(y \mid x_t) \propto p(x_t \mid y)/p(x_t)`, and
+    ``w = -1`` would be the unconditional model. The "guidance scale" ``s`` of other codebases
+    (GLIDE, Stable Diffusion: :math:`\varepsilon(\varnothing) + s(\varepsilon(y) - \varepsilon(\varnothing))`) is
+    ``s = 1 + w``, so their s = 7.5 is w = 6.5 here (pitfall 10).
+
+    ``null_label`` is the label reserved for "no condition", fed during training by label
+    dropout (pitfall 8). By default it is the model's own ``null_label`` (``ddpm_lib`` models
+    reserve ``num_classes``, the last row of their label embedding); a plain function or an
+    unconditional model has none, and then it must be given. Both evaluations run as ONE
+    forward pass on the concatenated batch [x; x].
     """
+    if null_label is None:
+        null_label = getattr(model, "null_label", None)
+        if null_label is None:
+            raise ValueError(
+                "classifier_free cannot determine the null label: the model has no null_label (it is "
+                "unconditional, or not a ddpm_lib model); pass null_label= (the label reserved for "
+                "'no condition' in training, num_classes for ddpm_lib models)"
+            )
+    if isinstance(null_label, bool) or not isinstance(null_label, numbers.Integral) or null_label < 0:
+        raise ValueError(f"null_label must be a non-negative integer label, got {null_label!r}")
+    null_label = int(null_label)
 
     def guided(x_t: Tensor, t: Tensor, y=None) -> Tensor:
         y = _labels(y, x_t)
@@ -83,7 +101,8 @@ def classifier_guidance(
     *,
     pass_y_to_model: bool = False,
 ) -> Callable[..., Tensor]:
-    r"""Classifier guidance (Dhariwal & Nichol 2021, Algorithm 2 and eq. 14; book chapter 10):
+    r"""Classifier guidance (Dhariwal & Nichol 2021, arXiv 2105.05233, §4, Eq. (14), used in their
+    Algorithm 2; book chapter 10):
 
     .. math:: \hat\varepsilon(x_t) - \sqrt{1-\bar\alpha_t}\; s\;\nabla_{x_t}\log p_\phi(y \mid x_t, t).
 
@@ -108,8 +127,13 @@ def classifier_guidance(
 def loss_guidance(
     model: Callable[..., Tensor], diffusion, loss_fn: Callable[[Tensor], Tensor], scale: float
 ) -> Callable[..., Tensor]:
-    r"""Guidance by any differentiable loss on the predicted x0 (semantic guidance, Liu et al.
-    2023, arXiv 2112.05744; "universal guidance"; book chapter 12):
+    r"""Guidance by any differentiable loss on the predicted x0 (book chapter 12): semantic
+    diffusion guidance (Liu et al. 2021, arXiv 2112.05744, "More control for free!": the gradient
+    of a differentiable image or text matching score steers every reverse step; the idea, not a
+    single equation of theirs) written in the eps form of classifier guidance, Dhariwal & Nichol
+    2021, Eq. (14), with :math:`\log p(y \mid x_t)` replaced by :math:`-\mathcal L(\hat x_0(x_t))`
+    and :math:`\hat x_0` from Ho et al. 2020, Eq. (15) (the "forward guidance" of universal
+    guidance, Bansal et al. 2023, arXiv 2302.07121):
 
     .. math::
         \hat\varepsilon(x_t) + \sqrt{1-\bar\alpha_t}\; s\;\nabla_{x_t} \mathcal L\bigl(\hat x_0(x_t)\bigr),\qquad

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
-from ddpm_lib.gaussian import discretized_gaussian_log_likelihood, normal_kl
+from ddpm_lib.gaussian import discretized_gaussian_log_likelihood, normal_kl, standard_normal
 
 if TYPE_CHECKING:
     from ddpm_lib.diffusion import GaussianDiffusion
@@ -29,11 +29,14 @@ LOSSES = ("simple", "hybrid", "vlb")
 
 
 def mean_flat(x: Tensor) -> Tensor:
-    """Mean over every dimension but the first: [B, ...] -> [B]."""
+    """Mean over every dimension but the first: [B, ...] -> [B]. The squared norm of L_simple
+    (Ho et al. 2020, Eq. (14)) and the bound's terms are reported per data dimension, as in the
+    reference code (its ``mean_flat``) and as bits/dim are (Ho et al. 2020, §4)."""
     return x.reshape(x.shape[0], -1).mean(dim=1)
 
 
 def _check_finite(name: str, x: Tensor) -> None:
+    # Reading the result of the check on the host makes the host wait for the device (a sync).
     if not torch.isfinite(x).all():
         raise ValueError(f"{name} contains NaN or inf")
 
@@ -64,11 +67,12 @@ def vb_terms(
     clip_denoised: bool = False,
     num_levels: int = 256,
 ) -> Tensor:
-    """One term of the variational bound per example, in nats averaged over dimensions [B].
+    """One term of the variational bound per example, in nats averaged over dimensions [B]
+    (Ho et al. 2020, arXiv 2006.11239, Eq. (5)).
 
-    For t > 0 (0-based), L_t = KL(q(x_{t-1} | x_t, x_0) || p(x_{t-1} | x_t)) (DDPM eq. 5, 8);
-    for t = 0, the decoder term L_0 = -log p(x_0 | x_1) under the Gaussian discretised to
-    ``num_levels`` values in [-1, 1] (DDPM eq. 13). ``model_output`` is the raw output of the
+    For t > 0 (0-based), L_t = KL(q(x_{t-1} | x_t, x_0) || p(x_{t-1} | x_t)) (Ho et al. 2020,
+    Eqs. (5) and (8)); for t = 0, the decoder term L_0 = -log p(x_0 | x_1) under the Gaussian
+    discretised to ``num_levels`` values in [-1, 1] (Eq. (13)). ``model_output`` is the raw output of the
     model at (x_t, t), so a caller can detach parts of it first (the hybrid loss does).
     """
     true_mean, _, true_log_var = diffusion.q_posterior_mean_variance(x0, x_t, t)
@@ -98,11 +102,12 @@ def training_losses(
     model_kwargs: dict | None = None,
     generator: torch.Generator | None = None,
 ) -> dict[str, Tensor]:
-    r"""Per-example training losses at timesteps ``t`` (DDPM Algorithm 1; improved DDPM sec. 3.1).
+    r"""Per-example training losses at timesteps ``t`` (Ho et al. 2020, Algorithm 1 and Eq. (14);
+    Nichol & Dhariwal 2021, arXiv 2102.09672, §3.1 and Eq. (16)).
 
-    Draws x_t ~ q(x_t | x_0) with ``noise`` (or from ``generator``; torch's global RNG if
-    neither is given), calls ``model(x_t, diffusion.timesteps[t], **model_kwargs)`` and
-    returns tensors [B]:
+    Draws x_t ~ q(x_t | x_0) with ``noise`` (or from ``generator``, on the generator's device and
+    moved to x0's; torch's global RNG if neither is given), calls
+    ``model(x_t, diffusion.timesteps[t], **model_kwargs)`` and returns tensors [B]:
 
     * ``"mse"``: mean over dimensions of (target - prediction)^2, the target being the eps,
       x0 or v of the draw (DDPM eq. 14, L_simple, for eps).
@@ -127,12 +132,18 @@ def training_losses(
         raise ValueError(
             "learned_range variance needs loss='hybrid' or 'vlb': the simple loss never trains the variance"
         )
-    _check_finite("x0", x0)
     if noise is None:
-        noise = torch.randn(x0.shape, generator=generator, dtype=x0.dtype, device=x0.device)
+        noise = standard_normal(x0.shape, generator, dtype=x0.dtype, device=x0.device)
     elif noise.shape != x0.shape:
         raise ValueError(f"shape mismatch: x0 {tuple(x0.shape)} vs noise {tuple(noise.shape)}")
-    _check_finite("noise", noise)
+    # Inputs are checked for NaN/inf only on the CPU. On CUDA the check is a host sync: the Python
+    # `if` must wait for the GPU to finish every queued kernel, stalling the pipeline on EVERY
+    # training step. There a non-finite x0 or noise makes the loss non-finite, which the training
+    # loop checks, batched, whenever it logs (train._checked_losses); on the CPU the check costs
+    # one reduction and gives the clearer error at the source.
+    if x0.device.type == "cpu":
+        _check_finite("x0", x0)
+        _check_finite("noise", noise)
 
     x_t = diffusion.q_sample(x0, t, noise)
     model_t = diffusion.timesteps.to(x0.device)[t.to(x0.device)]
@@ -161,7 +172,7 @@ def training_losses(
 
 
 def prior_bpd(diffusion: GaussianDiffusion, x0: Tensor) -> Tensor:
-    """The prior term L_T = KL(q(x_T | x_0) || N(0, I)) in bits per dimension [B] (DDPM eq. 5).
+    """The prior term L_T = KL(q(x_T | x_0) || N(0, I)) in bits per dimension [B] (Ho et al. 2020, Eq. (5)).
 
     It has no parameters; a good schedule makes it ~0 (linear T = 1000: about 3e-5 bits/dim
     for data in [-1, 1]).
@@ -185,7 +196,8 @@ def nll_bits_per_dim(
     generator: torch.Generator | None = None,
     batch_t: int | None = None,
 ) -> dict[str, Tensor]:
-    """Variational upper bound on -log p(x_0) in bits per dimension (DDPM eq. 5; improved DDPM sec. 3).
+    """Variational upper bound on -log p(x_0) in bits per dimension (Ho et al. 2020, Eqs. (3) and (5);
+    Nichol & Dhariwal 2021, §3, which report it for every term evaluated).
 
     total = L_T + sum_{t>=1} L_{t-1} + L_0, every term evaluated (no sampling of t): for each
     step of this chain one x_t ~ q(x_t | x_0) is drawn (noise from ``generator``, step by step
@@ -202,6 +214,8 @@ def nll_bits_per_dim(
     column t is the term L_t of the papers (column 0 the decoder term) and ``decoder_bpd``
     [B] (= column 0). ``total_bpd = prior_bpd + vb_bpd.sum(1)``.
     """
+    # One host sync per evaluation (not per training step) is cheap next to T model calls, so the
+    # inputs are always checked here.
     _check_finite("x0", x0)
     _check_data_range(x0)
     B, T = x0.shape[0], diffusion.T
@@ -213,7 +227,7 @@ def nll_bits_per_dim(
     for start in range(0, T, step):
         ts = list(range(start, min(start + step, T)))
         k = len(ts)
-        noise = torch.cat([torch.randn(x0.shape, generator=generator, dtype=x0.dtype, device=x0.device) for _ in ts])
+        noise = torch.cat([standard_normal(x0.shape, generator, dtype=x0.dtype, device=x0.device) for _ in ts])
         t = torch.tensor(ts, dtype=torch.long, device=x0.device).repeat_interleave(B)
         x0_k = _repeat_batch(x0, k, B)
         kwargs = {key: _repeat_batch(value, k, B) for key, value in (model_kwargs or {}).items()}
@@ -231,7 +245,7 @@ def nll_bits_per_dim(
 
 
 def eps_vlb_weight(diffusion: GaussianDiffusion, variance: str = "fixed_small") -> Tensor:
-    r"""Weight of the eps-error in each KL term of the bound, float64 [T] (DDPM eq. 12; book chapter 4).
+    r"""Weight of the eps-error in each KL term of the bound, float64 [T] (Ho et al. 2020, Eq. (12); book chapter 4).
 
     With a fixed reverse variance sigma_t^2 and an eps-prediction, the KL term of the bound is
     L_{t-1} = lambda_t * ||eps - eps_theta(x_t, t)||^2 + C_t, with

@@ -29,6 +29,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
+from ddpm_lib.gaussian import standard_normal
 from ddpm_lib.schedules import space_timesteps
 
 __all__ = [
@@ -53,7 +54,8 @@ __all__ = [
 
 
 def alpha_bar_at(diffusion, t: Tensor) -> Tensor:
-    r""":math:`\bar\alpha` at ORIGINAL timesteps ``t`` (LongTensor [B]), float64 [B].
+    r""":math:`\bar\alpha_t = \prod_{s \le t}(1 - \beta_s)` (Ho et al. 2020, Eq. (4)) at ORIGINAL
+    timesteps ``t`` (LongTensor [B]), float64 [B].
 
     ``diffusion`` is a ``GaussianDiffusion`` or a 1-D tensor of :math:`\bar\alpha_t`. A respaced
     chain knows only its kept timesteps (``diffusion.timesteps``): asking for one it skipped
@@ -78,7 +80,8 @@ def alpha_bar_at(diffusion, t: Tensor) -> Tensor:
 
 def split_eps(output: Tensor, x: Tensor) -> tuple[Tensor, Tensor | None]:
     """(eps, extra channels or None) of a model output: the one place where a learned-variance
-    output [B, 2C, ...] is split into its eps half and its variance half (improved DDPM)."""
+    output [B, 2C, ...] is split into its eps half and its variance half v (the interpolation
+    weight of Nichol & Dhariwal 2021, Eq. (15)); DDIM and DPM-Solver++ use only the eps half."""
     if output.shape == x.shape:
         return output, None
     if output.shape[0] == x.shape[0] and output.shape[1] == 2 * x.shape[1] and output.shape[2:] == x.shape[2:]:
@@ -88,39 +91,51 @@ def split_eps(output: Tensor, x: Tensor) -> tuple[Tensor, Tensor | None]:
 
 
 def model_eps(model: Callable[..., Tensor], diffusion, x: Tensor, index: int, y: Tensor | None = None) -> Tensor:
-    """eps_hat(x, t) of the model at step ``index`` of the chain ``diffusion``; the model is
-    called with the ORIGINAL timestep ``diffusion.timesteps[index]`` (and ``y=`` if given)."""
+    r""":math:`\varepsilon_\theta(x_t, t)` (Ho et al. 2020, Eq. (11)) at step ``index`` of the chain
+    ``diffusion``; the model is called with the ORIGINAL timestep ``diffusion.timesteps[index]``
+    (and ``y=`` if given), as a respaced chain must (Nichol & Dhariwal 2021, §4; pitfall 10)."""
     t = torch.full((x.shape[0],), int(diffusion.timesteps[index]), dtype=torch.long, device=x.device)
     output = model(x, t) if y is None else model(x, t, y=y)
     return split_eps(output, x)[0]
 
 
-def initial_noise(model, shape: Sequence[int], x_T: Tensor | None, generator: torch.Generator | None) -> Tensor:
-    """x_T: the given start noise (checked against ``shape``) or a draw from N(0, I) in the
-    default dtype, made on the generator's device and moved to the model's parameters' device
-    (the generator's device for a model without parameters, e.g. the analytic oracle)."""
+def initial_noise(model, shape: Sequence[int], x_T: Tensor | None, generator: torch.Generator | None,
+                  diffusion=None) -> Tensor:
+    r""":math:`x_T \sim \mathcal N(0, I)` (Ho et al. 2020, Algorithm 2, line 1): the given start
+    noise (checked against ``shape``) or a draw in the default dtype.
+
+    The draw is made on the generator's device (``gaussian.standard_normal``) and moved to where
+    the sampling runs: the device of the model's parameters; for a model that is not an
+    ``nn.Module`` (a guidance wrapper, the analytic oracle) or has no parameters, the device
+    of ``diffusion.betas``; the generator's device (else the CPU) if neither is known.
+    """
     shape = tuple(shape)
     if x_T is not None:
         if tuple(x_T.shape) != shape:
             raise ValueError(f"x_T has shape {tuple(x_T.shape)} but shape={shape} was asked for")
         return x_T
     param = next(model.parameters(), None) if isinstance(model, torch.nn.Module) else None
-    device = param.device if param is not None else (generator.device if generator is not None else torch.device("cpu"))
-    return _randn(shape, generator, torch.get_default_dtype(), device)
-
-
-def _randn(shape, generator, dtype, device) -> Tensor:
-    gen_device = generator.device if generator is not None else device
-    return torch.randn(shape, generator=generator, dtype=dtype, device=gen_device).to(device)
+    if param is not None:
+        device = param.device
+    elif diffusion is not None:
+        # guidance wrappers are plain functions: the schedule's device is where the caller sampling
+        # with it put everything (cli.generate moves the diffusion to the model's device)
+        device = diffusion.betas.device
+    else:
+        device = generator.device if generator is not None else torch.device("cpu")
+    return standard_normal(shape, generator, dtype=torch.get_default_dtype(), device=device)
 
 
 def predict_x0(x_t: Tensor, eps: Tensor, alpha_bar: float) -> Tensor:
-    r""":math:`\hat x_0 = (x_t - \sqrt{1-\bar\alpha_t}\,\hat\varepsilon)/\sqrt{\bar\alpha_t}` (DDPM eq. 4 inverted; DDIM eq. 12 "predicted x0")."""
+    r""":math:`\hat x_0 = (x_t - \sqrt{1-\bar\alpha_t}\,\hat\varepsilon)/\sqrt{\bar\alpha_t}` (Ho et al. 2020, Eq. (15), i.e.
+    Eq. (4) inverted; the "predicted x0" of DDIM, Song et al. 2020, Eq. (12))."""
     return (x_t - math.sqrt(1 - alpha_bar) * eps) / math.sqrt(alpha_bar)
 
 
 def predict_eps(x_t: Tensor, x0: Tensor, alpha_bar: float) -> Tensor:
-    r""":math:`\hat\varepsilon = (x_t - \sqrt{\bar\alpha_t}\,\hat x_0)/\sqrt{1-\bar\alpha_t}` (used after clipping x0_hat, pitfall 3)."""
+    r""":math:`\hat\varepsilon = (x_t - \sqrt{\bar\alpha_t}\,\hat x_0)/\sqrt{1-\bar\alpha_t}`: Ho et al. 2020,
+    Eq. (4) (:math:`x_t = \sqrt{\bar\alpha_t}x_0 + \sqrt{1-\bar\alpha_t}\varepsilon`) solved for eps; used
+    after clipping x0_hat, so that DDIM's Eq. (12) sees an eps consistent with it (pitfall 3)."""
     return (x_t - math.sqrt(alpha_bar) * x0) / math.sqrt(1 - alpha_bar)
 
 
@@ -135,32 +150,42 @@ def _denoised(x: Tensor, eps: Tensor, alpha_bar: float, clip: bool) -> tuple[Ten
 
 def ddim_sigma(alpha_bar: float, alpha_bar_prev: float, eta: float) -> float:
     r""":math:`\sigma_t(\eta) = \eta\sqrt{(1-\bar\alpha_{t-1})/(1-\bar\alpha_t)}\sqrt{1-\bar\alpha_t/\bar\alpha_{t-1}}`
-    (DDIM, Song et al. 2021, eq. 16); eta = 1 is DDPM's beta-tilde, eta = 0 deterministic."""
+    (DDIM, Song et al. 2020, arXiv 2010.02502, Eq. (16)); eta = 1 is DDPM's beta-tilde, eta = 0 deterministic."""
     return eta * math.sqrt((1 - alpha_bar_prev) / (1 - alpha_bar) * (1 - alpha_bar / alpha_bar_prev))
 
 
 def ddim_step(x0: Tensor, eps: Tensor, alpha_bar_prev: float, sigma: float, noise: Tensor | None) -> Tensor:
     r""":math:`x_{t-1} = \sqrt{\bar\alpha_{t-1}}\hat x_0 + \sqrt{1-\bar\alpha_{t-1}-\sigma_t^2}\,\hat\varepsilon + \sigma_t z`
-    (DDIM eq. 12); ``noise`` z may be None when sigma = 0."""
+    (DDIM, Song et al. 2020, Eq. (12)); ``noise`` z may be None when sigma = 0."""
     x = math.sqrt(alpha_bar_prev) * x0 + math.sqrt(max(1 - alpha_bar_prev - sigma**2, 0.0)) * eps
     return x if sigma == 0 else x + sigma * noise
 
 
 def ddim_timesteps(T: int, steps: int) -> list[int]:
-    """The DDIM grid ``space_timesteps(T, f"ddim{steps}")``, ascending: ``range(0, T, T // steps)``
-    ("leading" spacing: it starts at 0 and usually does not reach T - 1, pitfall 1)."""
+    """The DDIM sub-sequence tau (Song et al. 2020, arXiv 2010.02502, §4.2; Appendix D.2 "linear"),
+    ascending: ``space_timesteps(T, f"ddim{steps}")`` = ``[0, s, ..., (steps - 1) s]`` with
+    ``s = T // steps``, exactly ``steps`` steps for every 1 <= steps <= T.
+
+    Example: T = 1000, steps = 3 -> ``[0, 333, 666]``; steps = 50 -> ``[0, 20, ..., 980]``.
+    "Leading" spacing: it starts at 0 and does not reach T - 1 unless steps = T (pitfall 1).
+    """
     return space_timesteps(T, f"ddim{_check_steps(steps, T)}")
 
 
 def log_snr(alpha_bar: float) -> float:
-    r""":math:`\lambda = \log(\alpha/\sigma) = \tfrac12\log(\bar\alpha/(1-\bar\alpha))` (DPM-Solver, Lu et al. 2022, sec. 3.1)."""
+    r"""Half the log-SNR, :math:`\lambda_t = \log(\alpha_t/\sigma_t) = \tfrac12\log(\bar\alpha_t/(1-\bar\alpha_t))`
+    with :math:`\alpha_t = \sqrt{\bar\alpha_t}`, :math:`\sigma_t = \sqrt{1-\bar\alpha_t}`: the time variable of
+    DPM-Solver (Lu et al. 2022a, arXiv 2206.00927, §3.1) in which DPM-Solver++ (Lu et al. 2022b,
+    arXiv 2211.01095, Algorithm 2) takes its steps h_i = lambda_{t_i} - lambda_{t_{i-1}}."""
     return 0.5 * (math.log(alpha_bar) - math.log1p(-alpha_bar))
 
 
 def dpm_solver_timesteps(alphas_cumprod: Tensor, steps: int) -> list[int]:
-    r"""Integer steps, decreasing from T - 1 to 0, whose log-SNR :math:`\lambda` is nearest to
-    ``steps`` values spaced uniformly in :math:`\lambda` (DPM-Solver's "logSNR" grid, Lu et al.
-    2022a, sec. 3.3). Repeats are dropped, so there may be fewer than ``steps``.
+    r"""The time grid of DPM-Solver++ (Lu et al. 2022b, arXiv 2211.01095, Algorithm 2 takes it as
+    input): integer steps, decreasing from T - 1 to 0, whose :math:`\lambda` (:func:`log_snr`) is
+    nearest to ``steps`` values spaced uniformly in :math:`\lambda` (the "logSNR" step-size
+    schedule of DPM-Solver, Lu et al. 2022a, arXiv 2206.00927, §3.3). Repeats are dropped, so
+    there may be fewer than ``steps``.
 
     Example: linear schedule, T = 1000, 5 steps -> ``[999, 722, 302, 30, 0]``.
     """
@@ -194,7 +219,7 @@ def _maybe_tqdm(iterable, progress: bool, total: int):
 @torch.no_grad()
 def ddpm_sample(model, diffusion, shape, *, steps=None, variance="fixed_small", clip_denoised=False, prediction="eps",
                 generator=None, progress=False, return_trajectory=False, y=None, x_T=None):
-    r"""Ancestral sampling, DDPM Algorithm 2 (Ho et al. 2020; book chapter 5):
+    r"""Ancestral sampling, DDPM Algorithm 2 (Ho et al. 2020, arXiv 2006.11239; mean of Eq. (11); book chapter 5):
     :math:`x_{t-1} = \mu_\theta(x_t, t) + \sigma_t z`, with no noise at the last step.
 
     Args:
@@ -210,7 +235,7 @@ def ddpm_sample(model, diffusion, shape, *, steps=None, variance="fixed_small", 
     """
     if steps is not None:
         diffusion = diffusion.respace(space_timesteps(diffusion.T, [_check_steps(steps, diffusion.T)]))
-    x = initial_noise(model, shape, x_T, generator)
+    x = initial_noise(model, shape, x_T, generator, diffusion)
     kwargs = {} if y is None else {"y": y}
     trajectory = [x]
     for index in _maybe_tqdm(reversed(range(diffusion.T)), progress, diffusion.T):
@@ -221,7 +246,7 @@ def ddpm_sample(model, diffusion, shape, *, steps=None, variance="fixed_small", 
         # 2. x_{t-1} = mean + sigma z; the last step returns the mean (Algorithm 2, line 4)
         x = out["mean"]
         if index > 0:
-            x = x + (0.5 * out["log_variance"]).exp() * _randn(x.shape, generator, x.dtype, x.device)
+            x = x + (0.5 * out["log_variance"]).exp() * standard_normal(x.shape, generator, dtype=x.dtype, device=x.device)
         trajectory.append(x)
     return (x, trajectory) if return_trajectory else x
 
@@ -229,17 +254,19 @@ def ddpm_sample(model, diffusion, shape, *, steps=None, variance="fixed_small", 
 @torch.no_grad()
 def ddim_sample(model, diffusion, shape, *, steps=50, eta=0.0, clip_denoised=False, generator=None, progress=False,
                 return_trajectory=False, y=None, x_T=None):
-    r"""DDIM sampling (Song et al. 2021, eq. 12, with :math:`\sigma_t` of eq. 16 times ``eta``; chapter 8).
+    r"""DDIM sampling (Song et al. 2020, arXiv 2010.02502, Eq. (12), with :math:`\sigma_t` of Eq. (16)
+    times ``eta``; chapter 8).
 
-    The grid is ``ddim_timesteps(T, steps)`` = ``range(0, T, T // steps)``; each step goes from a
-    kept timestep to the PREVIOUS KEPT one, and from the first kept step to
-    :math:`\bar\alpha = 1`, i.e. to x0_hat (pitfall 1). ``eta = 0`` is deterministic given
-    ``x_T``; ``eta = 1`` has DDPM's marginals. Returns x0 (and the trajectory if asked).
+    The grid is ``ddim_timesteps(T, steps)`` = ``[0, s, ..., (steps - 1) s]``, ``s = T // steps``,
+    for any 1 <= steps <= T; each step goes from a kept timestep to the PREVIOUS KEPT one, and
+    from the first kept step to :math:`\bar\alpha = 1`, i.e. to x0_hat (pitfall 1). ``eta = 0``
+    is deterministic given ``x_T``; ``eta = 1`` has DDPM's marginals. Returns x0 (and the
+    trajectory if asked).
     """
     if eta < 0:
         raise ValueError(f"eta must be >= 0, got {eta}")
     kept = ddim_timesteps(diffusion.T, steps)
-    x = initial_noise(model, shape, x_T, generator)
+    x = initial_noise(model, shape, x_T, generator, diffusion)
     trajectory = [x]
     for i in _maybe_tqdm(reversed(range(len(kept))), progress, len(kept)):
         alpha_bar = float(diffusion.alphas_cumprod[kept[i]])
@@ -248,7 +275,7 @@ def ddim_sample(model, diffusion, shape, *, steps=50, eta=0.0, clip_denoised=Fal
         x0, eps = _denoised(x, model_eps(model, diffusion, x, kept[i], y), alpha_bar, clip_denoised)
         # 2. jump to the previous kept timestep (eq. 12)
         sigma = ddim_sigma(alpha_bar, alpha_bar_prev, eta)
-        noise = _randn(x.shape, generator, x.dtype, x.device) if sigma > 0 else None
+        noise = standard_normal(x.shape, generator, dtype=x.dtype, device=x.device) if sigma > 0 else None
         x = ddim_step(x0, eps, alpha_bar_prev, sigma, noise)
         trajectory.append(x)
     return (x, trajectory) if return_trajectory else x
@@ -256,8 +283,10 @@ def ddim_sample(model, diffusion, shape, *, steps=50, eta=0.0, clip_denoised=Fal
 
 @torch.no_grad()
 def ddim_invert(model, diffusion, x0, *, steps=50, y=None, progress=False, return_trajectory=False):
-    r"""DDIM inversion: run the deterministic DDIM update (eq. 12, eta = 0; eq. 13 as an ODE)
-    forward, from x0 at :math:`\bar\alpha = 1` up the grid ``ddim_timesteps(T, steps)`` to x_T.
+    r"""DDIM inversion (Song et al. 2020, arXiv 2010.02502, §5.4 "encoding" by the ODE of Eq. (14),
+    discretised as Eq. (12) with eta = 0 / Eq. (13)): run the deterministic DDIM update forward,
+    from x0 at :math:`\bar\alpha = 1` up the grid ``ddim_timesteps(T, steps)`` (any 1 <= steps <= T)
+    to x_T.
 
     The eps of each step is evaluated at the CURRENT point with the TARGET timestep (the
     ODE's Euler step taken with the slope of the end it moves to), as in null-text inversion
@@ -295,7 +324,7 @@ def dpm_solver_pp_sample(model, diffusion, shape, *, steps=20, order=2, clip_den
     if order not in (1, 2):
         raise ValueError(f"order must be 1 or 2 (DPM-Solver++ 1 = DDIM, 2 = 2M), got {order!r}")
     grid = dpm_solver_timesteps(diffusion.alphas_cumprod, steps)
-    x = initial_noise(model, shape, x_T, generator)
+    x = initial_noise(model, shape, x_T, generator, diffusion)
     trajectory, x0_prev, h_prev = [x], None, None
     for i in _maybe_tqdm(range(len(grid)), progress, len(grid)):
         alpha_bar = float(diffusion.alphas_cumprod[grid[i]])

@@ -42,7 +42,8 @@ def _check_T(T: object) -> int:
 def check_betas(betas: object) -> Tensor:
     """Validate a beta schedule and return it as a float64 tensor (on its own device).
 
-    Every beta must lie in (0, 1). The LAST beta may also be exactly 1: that is the
+    The betas are the variances of the forward steps q(x_t | x_{t-1}) = N(sqrt(1 - beta_t) x_{t-1},
+    beta_t I) (Ho et al. 2020, Eq. (2)), so each must lie in (0, 1). Every beta must lie in (0, 1). The LAST beta may also be exactly 1: that is the
     zero-terminal-SNR schedule of :func:`rescale_zero_terminal_snr`, whose final step
     destroys all signal. Anywhere else a beta of 1 would make alpha_bar 0 too early.
     """
@@ -69,8 +70,9 @@ def _alpha_bar(betas: Tensor) -> Tensor:
 
 
 def linear_betas(T: int, beta_start: float = 1e-4, beta_end: float = 0.02) -> Tensor:
-    """Linear schedule of DDPM (Ho et al. 2020, sec. 4): betas evenly spaced from
-    ``beta_start`` to ``beta_end``, float64 [T].
+    """Linear schedule of DDPM (Ho et al. 2020, arXiv 2006.11239, §4: "forward process variances
+    ... increasing linearly from beta_1 = 1e-4 to beta_T = 0.02"; no equation number): the betas
+    of Eq. (2) evenly spaced from ``beta_start`` to ``beta_end``, float64 [T].
 
     The endpoints are used as given, NOT rescaled by 1000 / T as improved-diffusion does
     (pitfall 10): with T = 1000 this is exactly the paper's schedule, with small T it keeps
@@ -81,7 +83,7 @@ def linear_betas(T: int, beta_start: float = 1e-4, beta_end: float = 0.02) -> Te
 
 
 def cosine_betas(T: int, s: float = 0.008, max_beta: float = 0.999) -> Tensor:
-    r"""Cosine schedule of improved DDPM (Nichol & Dhariwal 2021, eq. 17), float64 [T].
+    r"""Cosine schedule of improved DDPM (Nichol & Dhariwal 2021, arXiv 2102.09672, Eq. (17)), float64 [T].
 
     :math:`\bar\alpha(t) = f(t)/f(0)`, :math:`f(t) = \cos^2\bigl(\frac{t/T + s}{1 + s}\cdot\frac{\pi}{2}\bigr)`,
     and :math:`\beta_t = \min(1 - \bar\alpha(t+1)/\bar\alpha(t),\ \text{max\_beta})` for
@@ -105,7 +107,9 @@ SCHEDULES: dict[str, Callable[..., Tensor]] = {"linear": linear_betas, "cosine":
 
 
 def get_betas(name: str, T: int, **kwargs) -> Tensor:
-    """Betas of the named schedule (``"linear"`` or ``"cosine"``); ``kwargs`` go to its function."""
+    """Betas of the named schedule: ``"linear"`` (Ho et al. 2020, §4, :func:`linear_betas`) or
+    ``"cosine"`` (Nichol & Dhariwal 2021, Eq. (17), :func:`cosine_betas`); ``kwargs`` go to its
+    function. ValueError for an unknown name, listing the known ones."""
     try:
         fn = SCHEDULES[name]
     except (KeyError, TypeError):
@@ -114,14 +118,20 @@ def get_betas(name: str, T: int, **kwargs) -> Tensor:
 
 
 def snr(betas: Tensor) -> Tensor:
-    r"""Signal-to-noise ratio :math:`\bar\alpha_t / (1 - \bar\alpha_t)` of q(x_t | x_0), float64 [T]."""
+    r"""Signal-to-noise ratio :math:`\mathrm{SNR}(t) = \bar\alpha_t / (1 - \bar\alpha_t)` of q(x_t | x_0), float64 [T].
+
+    The ratio of the squared signal scale to the noise variance of Ho et al. 2020, Eq. (4),
+    i.e. :math:`\alpha_t^2/\sigma_t^2` in the notation of Kingma et al. 2021 (Variational
+    Diffusion Models, arXiv 2107.00630, §3, where it is defined) and of Lin et al. 2023
+    (arXiv 2305.08891, §3.1, zero terminal SNR). Linear T = 1000 ends at SNR ~4.04e-5 (pitfall 2).
+    """
     alpha_bar = _alpha_bar(check_betas(betas))
     return alpha_bar / (1.0 - alpha_bar)
 
 
 def rescale_zero_terminal_snr(betas: Tensor) -> Tensor:
     r"""Betas with zero terminal SNR (Lin et al. 2023, "Common diffusion noise schedules and
-    sample steps are flawed", Algorithm 1), float64 [T].
+    sample steps are flawed", arXiv 2305.08891, Algorithm 1), float64 [T].
 
     Shift and scale :math:`\sqrt{\bar\alpha_t}` so that its last value becomes 0 and its
     first is unchanged, then recover the betas: the last beta becomes exactly 1. Without this
@@ -144,22 +154,28 @@ def rescale_zero_terminal_snr(betas: Tensor) -> Tensor:
 
 
 def _ddim_steps(T: int, count: int) -> list[int]:
-    # The smallest integer stride whose grid range(0, T, stride) has exactly `count` points
-    # (improved-diffusion's respace.py). It equals T // count whenever that stride works.
-    for stride in range(1, T + 1):
-        if len(range(0, T, stride)) == count:
-            return list(range(0, T, stride))
-    raise ValueError(f"no integer stride gives exactly {count} steps out of T = {T}")
+    # "Leading" spacing: stride T // count from 0, exactly `count` steps. Unlike range(0, T, stride)
+    # (DDIM's reference code), this never gives count + 1 steps when count does not divide T;
+    # where it does, the two grids are identical (pretrained metrics rely on that).
+    stride = T // count
+    return [i * stride for i in range(count)]
 
 
 def space_timesteps(T: int, section_counts: str | int | Sequence[int]) -> list[int]:
-    """Original timesteps to keep when shortening a T-step chain (improved DDPM, sec. 4).
+    """Original timesteps to keep when shortening a T-step chain (Nichol & Dhariwal 2021,
+    arXiv 2102.09672, §4 "Improving sampling speed": sample along a subsequence S of the steps;
+    and the sub-sequence tau of DDIM, Song et al. 2020, arXiv 2010.02502, §4.2). No equation
+    number: this chooses the subsequence that :func:`respace_betas` then turns into a chain.
 
     Returns a sorted list of distinct 0-based timesteps of the original chain.
 
-    * ``"ddimN"``: the DDIM grid ``range(0, T, stride)`` with the integer stride that gives
-      exactly N steps (``T // N`` when that works); ValueError if none does. This grid
-      starts at 0 and usually does NOT visit T - 1 (pitfall 1).
+    * ``"ddimN"`` (1 <= N <= T): the "leading" DDIM grid with stride ``s = T // N`` starting at
+      0, exactly N steps ``[0, s, 2s, ..., (N - 1) s]``: DDIM's "linear" selection
+      tau_i = floor(c i) (Song et al. 2020, Appendix D.2) with c = T // N and i = 0..N-1, as
+      diffusers' ``timestep_spacing="leading"``. When N divides T this is DDIM's reference
+      grid ``range(0, T, T // N)``. This grid starts at 0 and, unless N = T, does
+      NOT visit T - 1: its last step is (N - 1) s <= T - s, so sampling starts at a noise level
+      below that of x_T (pitfall 1 of DESIGN.md).
     * a list of ints, an int, or a comma string ``"10,15,20"``: split [0, T) into
       ``len(counts)`` sections of equal size (the first ``T % len(counts)`` one longer)
       and take ``count`` steps evenly spaced within each, first and last of the section
@@ -167,9 +183,12 @@ def space_timesteps(T: int, section_counts: str | int | Sequence[int]) -> list[i
       integer (as improved-diffusion's ``respace.py``). ValueError if a section has fewer
       steps than requested.
 
-    Worked example, ``space_timesteps(10, [2, 3])``: sections [0..4] and [5..9] (size 5);
-    the first takes stride 4 -> 0, 4; the second stride 2 -> 5, 7, 9. Result
-    ``[0, 4, 5, 7, 9]``. And ``space_timesteps(1000, "ddim4") == [0, 250, 500, 750]``.
+    Worked examples: ``space_timesteps(10, [2, 3])``: sections [0..4] and [5..9] (size 5); the
+    first takes stride 4 -> 0, 4; the second stride 2 -> 5, 7, 9; result ``[0, 4, 5, 7, 9]``.
+    ``space_timesteps(1000, "ddim4") == [0, 250, 500, 750]`` (stride 250, never 999), and
+    ``space_timesteps(1000, "ddim3") == [0, 333, 666]``: stride 1000 // 3 = 333, exactly 3
+    steps (``range(0, 1000, 333)`` would have a fourth, 999). ``space_timesteps(10, "ddim7")
+    == [0, 1, 2, 3, 4, 5, 6]`` (stride 1).
     """
     T = _check_T(T)
     if isinstance(section_counts, str):
@@ -213,7 +232,9 @@ def _parse_count(text: str, whole: str) -> int:
 
 
 def respace_betas(betas: Tensor, timesteps: Sequence[int] | Tensor) -> Tensor:
-    r"""Betas of the shorter chain that visits only ``timesteps`` (improved DDPM, sec. 4).
+    r"""Betas of the shorter chain that visits only ``timesteps`` (Nichol & Dhariwal 2021,
+    arXiv 2102.09672, §4: :math:`\beta_{S_t} = 1 - \bar\alpha_{S_t}/\bar\alpha_{S_{t-1}}`, an
+    in-text formula with no equation number).
 
     :math:`\beta'_i = 1 - \bar\alpha_{\tau_i} / \bar\alpha_{\tau_{i-1}}`, with
     :math:`\bar\alpha` before the first kept step equal to 1 (so

@@ -13,17 +13,39 @@ On several GPUs, put the call in a script and launch ``torchrun --standalone
 --nproc_per_node 4 script.py``: DDP switches on from torchrun's environment
 (``ddpm_lib.distributed``); ``batch_size`` stays the global batch.
 
-Guarantees (each tested in ``tests/test_train.py``):
+Guarantees (each tested in ``tests/test_train.py`` or ``tests/test_distributed.py``):
 
 * **Exact resume.** Every source of randomness is a ``torch.Generator`` whose state is in the
   checkpoint (batches, timesteps, noise, label dropout; torch's global RNG for dropout
   layers), and the data order is a checkpointed stream. On the CPU, N steps in one go and
   k steps + (crash or stop) + resume to N give bit-identical weights, EMA and optimiser.
+  Sample grids and their metrics use generators of their own: they change no number.
+* **The data order replaces DataLoader + DistributedSampler.** Batches are index lists from
+  :class:`BatchStream` (seeded ``randperm`` passes over the N examples, drawn on the CPU), and
+  every rank draws the same GLOBAL batch of indices and reads only its slice
+  (``distributed.shard``). A ``DistributedSampler`` pads the data to a multiple of the number
+  of ranks and cuts batches at epoch ends (so the batches depend on it), and its position
+  inside an epoch is in no checkpoint (a resumed run restarts the epoch). The stream's state
+  is a generator state and a position, so resume is exact and W ranks equal one process. Tensors
+  are indexed on the device; a map-style ``Dataset`` (image files, torchvision sets) is read
+  item by item, by ``data_workers`` threads if asked.
 * **Divergence stops the run.** A NaN/inf loss raises :class:`TrainingDivergedError` naming
   the step, before any later checkpoint is written: the one on disk is the last good one.
-  Losses are checked (one device sync) only when logging, sampling or checkpointing.
+  Losses are checked (one device sync) only when logging, sampling or checkpointing. The
+  loop adds no other wait for the GPU: batch indices and Dataset items are copied from pinned
+  memory without blocking, labels are checked on the CPU, and the gradient norm stays a device
+  tensor until it is logged (the loss's own input checks live in ``ddpm_lib.losses``).
+* **Rank 0 writes.** Under DDP only rank 0 writes the log, the sample grids and checkpoints,
+  and shows the progress bar.
 * **CUDA only**: ``bf16`` autocast (where the GPU supports bf16), ``channels_last`` and
-  ``torch.compile``; elsewhere these switches do nothing, by design.
+  ``torch.compile``. On the CPU bf16 and channels_last do nothing, by design; ``compile``
+  warns that it is ignored.
+
+The log ``out_dir/log.jsonl`` has one JSON object per line: every ``log_every`` steps
+``step, loss, lr, steps_per_sec, ema_decay`` (and ``grad_norm``, before clipping); at each
+sample grid ``samples`` (its path) and the metrics of ``sample_metrics``: by default, for 2-D
+data, the sliced Wasserstein distance of the samples to the training data and its
+real-vs-real floor at the same n (``sliced_wasserstein``, ``sliced_wasserstein_floor``).
 
 Step numbers count optimiser steps taken: "step 5" is the fifth update; a checkpoint at
 step k holds the state after k updates; the learning rate of the update k + 1 is ``lr_at(k)``.
@@ -33,10 +55,13 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import time
+import warnings
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import Tensor, nn
@@ -49,7 +74,8 @@ from ddpm_lib.data import check_range
 from ddpm_lib.diffusion import GaussianDiffusion
 from ddpm_lib.ema import ema_decay, ema_update, make_ema
 
-__all__ = ["train", "TrainResult", "TrainingDivergedError", "DiffusionConfig", "TrainConfig", "lr_at", "BatchStream"]
+__all__ = ["train", "TrainResult", "TrainingDivergedError", "DiffusionConfig", "TrainConfig", "lr_at", "BatchStream",
+           "draw_samples", "points_metrics"]
 
 GENERATORS = ("data", "timestep", "noise", "label_dropout")
 
@@ -115,10 +141,13 @@ class BatchStream:
 class _Data:
     """Training data as ``get(indices) -> (x0, y or None)`` on the device. Accepts a tensor
     [N, ...], a pair (x [N, ...], labels [N]), a TensorDataset of those (both kept on the
-    device), or any Dataset whose items are x or (x, label) (fetched item by item)."""
+    device), or any map-style Dataset whose items are x or (x, label), read item by item on
+    the CPU (by ``workers`` threads if > 0) and copied over. Labels of a class-conditional
+    model must lie in [0, num_classes): label num_classes is the null label of CFG."""
 
-    def __init__(self, data: Any, device: torch.device):
-        self.device, self.dataset, self.y = device, None, None
+    def __init__(self, data: Any, device: torch.device, *, num_classes: int | None = None, workers: int = 0):
+        self.device, self.dataset, self.y, self.num_classes = device, None, None, num_classes
+        self.pool = None
         if isinstance(data, TensorDataset):
             data = tuple(data.tensors)
         if isinstance(data, Tensor):
@@ -128,25 +157,54 @@ class _Data:
             if len(data) == 2:
                 if len(data[1]) != len(data[0]):
                     raise ValueError(f"{len(data[0])} examples but {len(data[1])} labels")
-                self.y = data[1].long().to(device)
+                self.y = self._checked_labels(data[1].long()).to(device)  # checked once, on the CPU
             self.has_labels = self.y is not None
         elif hasattr(data, "__getitem__") and hasattr(data, "__len__"):
             self.dataset, self.has_labels = data, isinstance(data[0], (tuple, list))
+            if workers:
+                self.pool = ThreadPoolExecutor(workers, thread_name_prefix="ddpm-data")
         else:
             raise TypeError(f"data must be a tensor, an (x, labels) pair or a Dataset, got {type(data).__name__}")
 
     def __len__(self) -> int:
         return len(self.dataset) if self.dataset is not None else len(self.x)
 
+    def _checked_labels(self, y: Tensor) -> Tensor:
+        if self.num_classes is not None and y.numel() and not (0 <= int(y.min()) and int(y.max()) < self.num_classes):
+            raise ValueError(f"labels must lie in [0, {self.num_classes}) for a model with num_classes="
+                             f"{self.num_classes} (label {self.num_classes} is the null label), got range "
+                             f"[{int(y.min())}, {int(y.max())}]")
+        return y
+
+    def _to_device(self, x: Tensor) -> Tensor:
+        # A plain host-to-device copy waits for the GPU to finish its queue (a host sync every
+        # step); from pinned memory with non_blocking it is queued like a kernel.
+        if self.device.type != "cuda":
+            return x.to(self.device)
+        return x.pin_memory().to(self.device, non_blocking=True)
+
     def get(self, idx: Tensor) -> tuple[Tensor, Tensor | None]:
         if self.dataset is None:
-            idx = idx.to(self.device)
+            idx = self._to_device(idx)
             return self.x[idx], None if self.y is None else self.y[idx]
-        items = [self.dataset[i] for i in idx.tolist()]
+        fetch = self.dataset.__getitem__
+        items = list(self.pool.map(fetch, idx.tolist()) if self.pool is not None else map(fetch, idx.tolist()))
         x = torch.stack([torch.as_tensor(it[0] if self.has_labels else it) for it in items]).float()
-        x = check_range(x, name="training data").to(self.device)
-        y = torch.as_tensor([int(it[1]) for it in items], device=self.device) if self.has_labels else None
+        x = self._to_device(check_range(x, name="training data"))
+        y = None
+        if self.has_labels:
+            y = self._to_device(self._checked_labels(torch.as_tensor([int(it[1]) for it in items], dtype=torch.long)))
         return x, y
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown()
+
+    def points(self) -> Tensor | None:
+        """The training points [N, 2] (on the CPU) when the data is a 2-D tensor, else None."""
+        if self.dataset is None and self.x.ndim == 2 and self.x.shape[1] == 2:
+            return self.x.cpu()
+        return None
 
 
 def _generators(seed: int, device: torch.device) -> dict[str, torch.Generator]:
@@ -225,25 +283,80 @@ def _checked_losses(pending: list[Tensor], step: int, info) -> Tensor:
     return losses
 
 
-def _save_samples(ema: nn.Module, diffusion, dcfg: DiffusionConfig, cfg: TrainConfig, shape, null_label, path: Path):
-    """A sample grid (images) or scatter plot (2-D points) from the EMA, fixed seed; skipped if unavailable."""
-    try:
-        from ddpm_lib.samplers import ddpm_sample
-        from ddpm_lib.viz import save_figure
-    except ImportError:
-        return
-    if len(shape) not in (1, 3) or (len(shape) == 1 and shape[0] != 2):
-        return
+SampleMetrics = Callable[[Tensor, "Tensor | None"], dict[str, float]]
+
+
+@torch.no_grad()
+def draw_samples(ema: nn.Module, diffusion, dcfg: DiffusionConfig, cfg: TrainConfig, shape, null_label):
+    """The sample grid's samples (CPU) and labels: ``cfg.num_samples`` from ONE fixed x_T.
+
+    Deterministic DDIM (eta = 0, ``cfg.sample_steps`` steps; Song et al. 2021, eq. 12) maps the
+    same x_T (drawn from a generator seeded by ``cfg.seed``) to the samples, so the grids of
+    successive steps differ only through training. DDIM here needs eps; x0- and v-predicting
+    models use ancestral DDPM from the same generator. A class-conditional model gets the
+    labels 0, 1, 2, ... cycled. Only these generators are used: no training RNG is touched.
+    """
+    from ddpm_lib.samplers import ddim_sample, ddpm_sample
+
     device = next(ema.parameters()).device
-    n = cfg.num_samples
+    n, steps = cfg.num_samples, min(cfg.sample_steps, diffusion.T)
     y = None if null_label is None else torch.arange(n, device=device) % null_label
-    x = ddpm_sample(ema, diffusion, (n, *shape), steps=min(cfg.sample_steps, diffusion.T), variance=dcfg.variance,
-                    prediction=dcfg.prediction, generator=torch.Generator(device).manual_seed(cfg.seed), y=y).cpu()
+    kw = dict(generator=torch.Generator(device).manual_seed(cfg.seed), y=y)
+    if dcfg.prediction == "eps":
+        x = ddim_sample(ema, diffusion, (n, *shape), steps=steps, eta=0.0, **kw)
+    else:
+        x = ddpm_sample(ema, diffusion, (n, *shape), steps=steps, variance=dcfg.variance, prediction=dcfg.prediction,
+                        **kw)
+    return x.float().cpu(), None if y is None else y.cpu()
+
+
+def points_metrics(points: Tensor, *, repeats: int = 5) -> SampleMetrics:
+    """The default ``sample_metrics`` for 2-D data: the sliced Wasserstein distance of the
+    samples to a random subset of the training ``points`` of the same size n, and beside it the
+    real-vs-real floor at that n (two disjoint training subsets), each averaged over
+    ``repeats`` subsets with the same projections (``ddpm_lib.metrics``; Bonneel et al. 2015).
+    Samples from the data law score about the floor; fixed seeds make the numbers comparable
+    across steps."""
+    from ddpm_lib.metrics import sliced_wasserstein
+
+    def metrics(x: Tensor, y: Tensor | None) -> dict[str, float]:
+        n = min(len(x), len(points) // 2)
+        if n < 2:
+            return {}
+        if not torch.isfinite(x).all():
+            return {"sliced_wasserstein": None, "sliced_wasserstein_floor": None}
+        g = torch.Generator().manual_seed(0)
+        sw = floor = 0.0
+        for _ in range(repeats):
+            perm = torch.randperm(len(points), generator=g)
+            ref, other = points[perm[:n]], points[perm[n:2 * n]]
+            sw += sliced_wasserstein(x[:n], ref, generator=torch.Generator().manual_seed(1)) / repeats
+            floor += sliced_wasserstein(other, ref, generator=torch.Generator().manual_seed(1)) / repeats
+        return {"sliced_wasserstein": sw, "sliced_wasserstein_floor": floor}
+
+    return metrics
+
+
+def _sample_record(ema, diffusion, dcfg, cfg, shape, null_label, path: Path, sample_metrics) -> dict[str, Any]:
+    """Draw the grid, write its picture, and return its log entries (path and metrics)."""
+    from ddpm_lib.viz import save_figure
+
+    x, y = draw_samples(ema, diffusion, dcfg, cfg, shape, null_label)
     save_figure(x, path)
+    record: dict[str, Any] = {"samples": f"{path.parent.name}/{path.name}"}
+    for name, value in (sample_metrics(x, y) if sample_metrics is not None else {}).items():
+        # JSON has no inf or NaN: a non-finite metric is logged as null
+        record[name] = float(value) if value is not None and math.isfinite(value) else None
+    return record
+
+
+def _drawable(shape) -> bool:
+    """Whether a sample of this shape can be pictured: a 2-D point or a 1- or 3-channel image."""
+    return tuple(shape) == (2,) or (len(shape) == 3 and shape[0] in (1, 3))
 
 
 def train(model_config, diffusion_config, train_config, data, *, out_dir, resume: bool = True,
-          progress: bool = True) -> TrainResult:
+          progress: bool = True, sample_metrics: SampleMetrics | None = None) -> TrainResult:
     """Train a diffusion model; checkpoint to ``out_dir/checkpoint``, log to ``out_dir/log.jsonl``.
 
     Args:
@@ -252,6 +365,9 @@ def train(model_config, diffusion_config, train_config, data, *, out_dir, resume
         data: tensor [N, ...] in [-1, 1], a pair (x, labels [N]) or a Dataset of x or (x, label).
         resume: continue from ``out_dir``'s checkpoint if there is one (it must match the
             model and diffusion configs; ``train_config.steps`` may grow).
+        sample_metrics: ``f(samples, labels or None) -> {name: float}``, called on each sample
+            grid (every ``sample_every`` steps) and logged with it; default :func:`points_metrics`
+            for 2-D tensor data, none otherwise (the CLI passes feature-space metrics for images).
     Returns a :class:`TrainResult`. Raises :class:`TrainingDivergedError` on a NaN/inf loss.
     """
     dcfg = config_from_dict(DiffusionConfig, diffusion_config)
@@ -259,6 +375,7 @@ def train(model_config, diffusion_config, train_config, data, *, out_dir, resume
     out_dir = Path(out_dir)
     info = distributed.setup(cfg.device)
     device, cuda = info.device, info.device.type == "cuda"
+    source = None
     try:
         # 1. set-up: the model (same initialisation on every rank), EMA, optimiser, generators, data
         if cfg.batch_size % info.world_size:
@@ -271,14 +388,16 @@ def train(model_config, diffusion_config, train_config, data, *, out_dir, resume
         ema = make_ema(model)
         optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         gens = _generators(cfg.seed, device)
-        source = _Data(data, device)
+        null_label = model_config.get("num_classes")  # the null label of CFG is num_classes
+        source = _Data(data, device, num_classes=null_label, workers=cfg.data_workers)
         stream = BatchStream(len(source), gens["data"])
         diffusion = dcfg.build().to(device)
-        null_label = model_config.get("num_classes")  # the null label of CFG is num_classes
         if null_label is not None and not source.has_labels:
             raise ValueError("the model is class-conditional (num_classes is set) but the data has no labels")
         if cfg.label_dropout and null_label is None:
             raise ValueError("label_dropout needs a class-conditional model (num_classes set in its config)")
+        if sample_metrics is None and (points := source.points()) is not None:
+            sample_metrics = points_metrics(points)
 
         # 2. resume from the last good checkpoint
         step = 0
@@ -292,14 +411,20 @@ def train(model_config, diffusion_config, train_config, data, *, out_dir, resume
         # 3. DDP and the CUDA-only speed-ups (`model` stays the raw module: clean state-dict keys)
         net = nn.parallel.DistributedDataParallel(model, device_ids=[device] if cuda else None) \
             if info.world_size > 1 else model
-        if cuda and cfg.compile:
+        if cfg.compile and cuda:
             net = torch.compile(net)
+        elif cfg.compile and info.is_main:
+            warnings.warn(f"compile=True is ignored on {device.type}: ddpm_lib uses torch.compile on CUDA only",
+                          stacklevel=2)
         use_bf16 = cuda and cfg.bf16 and torch.cuda.is_bf16_supported()
+        if cuda and cfg.bf16 and not use_bf16 and info.is_main:
+            warnings.warn(f"bf16=True is ignored: {torch.cuda.get_device_name(device)} does not support bfloat16; "
+                          "training runs in float32", stacklevel=2)
         from tqdm.auto import tqdm
 
         bar = tqdm(total=cfg.steps, initial=step, unit="step", disable=not (progress and info.is_main))
         pending: list[Tensor] = []  # per-step losses not yet checked (checking syncs the device)
-        tick, grad_norm = time.perf_counter(), None
+        tick, grad_norm, warned_shape = time.perf_counter(), None, False
 
         # 4. the loop: DDPM Algorithm 1 on each rank's slice of one global batch
         model.train()
@@ -326,7 +451,7 @@ def train(model_config, diffusion_config, train_config, data, *, out_dir, resume
             loss = losses["loss"].mean()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            if cfg.grad_clip is not None:
+            if cfg.grad_clip is not None:  # returns the norm before clipping, as a tensor (no sync)
                 grad_norm = nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             optimizer.step()
             step += 1
@@ -338,24 +463,33 @@ def train(model_config, diffusion_config, train_config, data, *, out_dir, resume
             # 5. periodic work; a non-finite loss stops the run before anything is written
             last = step == cfg.steps
             do_log = step % cfg.log_every == 0 or last
-            do_sample = cfg.sample_every and step % cfg.sample_every == 0
+            do_sample = bool(cfg.sample_every) and (step % cfg.sample_every == 0 or last)
             do_ckpt = (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or last
             if do_log or do_sample or do_ckpt:
                 window = _checked_losses(pending, step, info)
+            record: dict[str, Any] = {"step": step}
             if do_log:
                 now = time.perf_counter()
-                record = {"step": step, "loss": window.mean().item(), "lr": lr,
-                          "steps_per_sec": len(pending) / (now - tick), "ema_decay": decay}
+                record.update(loss=window.mean().item(), lr=lr, steps_per_sec=len(pending) / (now - tick),
+                              ema_decay=decay)
                 if grad_norm is not None:
                     record["grad_norm"] = grad_norm.item()
                 pending, tick = [], now
                 bar.set_postfix(loss=f"{record['loss']:.4g}", refresh=False)
-                if info.is_main:
-                    with log_path.open("a") as f:
-                        f.write(json.dumps(record) + "\n")
             if do_sample and info.is_main:
-                path = out_dir / "samples" / f"step_{step:07d}.png"
-                _save_samples(ema, diffusion, dcfg, cfg, x0.shape[1:], null_label, path)
+                if _drawable(x0.shape[1:]):
+                    started = time.perf_counter()
+                    path = out_dir / "samples" / f"step_{step:07d}.png"
+                    record.update(_sample_record(ema, diffusion, dcfg, cfg, x0.shape[1:], null_label, path,
+                                                 sample_metrics))
+                    tick += time.perf_counter() - started  # steps_per_sec counts training time only
+                elif not warned_shape:
+                    warned_shape = True
+                    warnings.warn(f"sample_every is ignored: samples of shape {list(x0.shape[1:])} cannot be "
+                                  f"drawn (2-D points or 1/3-channel images)", stacklevel=2)
+            if len(record) > 1 and info.is_main:
+                with log_path.open("a") as f:
+                    f.write(json.dumps(record) + "\n")
             if do_ckpt and info.is_main:
                 save_checkpoint(out_dir, step=step, model_config=model_config, diffusion_config=dcfg, train_config=cfg,
                                 model=model.state_dict(), ema=ema.state_dict(), optimizer=optimizer.state_dict(),
@@ -363,4 +497,6 @@ def train(model_config, diffusion_config, train_config, data, *, out_dir, resume
         bar.close()
         return TrainResult(model=model, ema=ema, diffusion=diffusion, step=step, out_dir=out_dir)
     finally:
+        if source is not None:
+            source.close()
         distributed.teardown(info)

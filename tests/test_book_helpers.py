@@ -45,7 +45,7 @@ def _notebook(tmp_path: Path, outputs: list, count) -> Path:
 
 
 def _check(folder: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(ROOT / "tools" / "check_notebooks.py"), str(folder)],
+    return subprocess.run([sys.executable, str(ROOT / ".ci" / "check_notebooks.py"), str(folder)],
                           capture_output=True, text=True)
 
 
@@ -75,3 +75,73 @@ def test_every_notebook_has_a_colab_cell_skipped_by_nbval_and_the_build():
         assert first["cell_type"] == "code" and "google.colab" in source and "pip install" in source, path.name
         assert {"nbval-skip", "skip-execution"} <= tags, f"{path.name}: Colab cell must be skipped by nbval and the build"
         assert nb["metadata"].get("accelerator") == "GPU", f"{path.name}: ask Colab for a GPU"
+
+
+def test_single_thread_restores_the_thread_count():
+    before = torch.get_num_threads()
+    with book.single_thread():
+        assert torch.get_num_threads() == 1
+    assert torch.get_num_threads() == before
+    with pytest.raises(RuntimeError):
+        with book.single_thread():
+            raise RuntimeError("inside")
+    assert torch.get_num_threads() == before  # restored even when the block raises
+
+
+# ---- ddpm_lib.symbolic: the SymPy helpers of the derivations -------------------------------
+
+sp = pytest.importorskip("sympy")
+from ddpm_lib import symbolic  # noqa: E402
+
+_x = sp.Symbol("x", real=True)
+_m = sp.Symbol("m", real=True)
+_v = sp.Symbol("v", positive=True)
+
+
+def test_normal_pdf_is_a_normalised_density_with_the_given_moments():
+    pdf = symbolic.normal_pdf(_x, _m, _v)
+    moments = [sp.simplify(symbolic.gaussian_integral(_x**k * pdf, _x)) for k in range(3)]
+    assert moments[0] == 1 and sp.simplify(moments[1] - _m) == 0 and sp.simplify(moments[2] - (_m**2 + _v)) == 0
+    assert abs(float(symbolic.normal_pdf(0.3, 0.1, 0.25)) - 0.7365402806066466) < 1e-12  # N(0.3; 0.1, 0.5^2)
+
+
+def test_log_normal_pdf_is_the_expanded_quadratic():
+    log_pdf = symbolic.log_normal_pdf(_x, _m, _v)
+    assert sp.Poly(log_pdf, _x).degree() == 2
+    assert sp.simplify(sp.exp(log_pdf) - symbolic.normal_pdf(_x, _m, _v)) == 0
+    assert sp.simplify(sp.Poly(log_pdf, _x).coeff_monomial(_x**2) + 1 / (2 * _v)) == 0
+
+
+def test_tidy_makes_equal_expressions_look_equal():
+    a, b = sp.symbols("a b", positive=True)
+    assert symbolic.tidy(sp.log(a * b) - sp.log(a) - sp.log(b)) == 0
+    assert symbolic.tidy((a + b) ** 2 - a**2 - 2 * a * b - b**2) == 0
+
+
+@pytest.mark.parametrize("split", [False, True])
+def test_log_ratio_is_zero_exactly_for_equal_expressions(split):
+    a = sp.Symbol("a", positive=True)
+    same = symbolic.normal_pdf(_x, _m, _v) * symbolic.normal_pdf(_x, 0, 1)
+    also_same = sp.exp(-(_x - _m) ** 2 / (2 * _v) - _x**2 / 2) / (2 * sp.pi * sp.sqrt(_v))
+    assert symbolic.log_ratio(same, also_same, split=split) == 0
+    assert symbolic.log_ratio(a * sp.exp(_x), sp.exp(_x), split=split) == sp.log(a)
+    assert symbolic.log_ratio(symbolic.normal_pdf(_x, _m, _v), symbolic.normal_pdf(_x, _m, 2 * _v), split=split) != 0
+
+
+def test_equation_latex_labels_the_expression_and_factors_exponents():
+    text = symbolic.equation_latex(r"p(x)", symbolic.normal_pdf(_x, 0, _v), r"\quad(\text{a density})")
+    assert text.startswith("p(x) = ") and text.endswith(r"\quad(\text{a density})")
+    assert r"\frac{x^{2}}{2 v}" in text
+    assert symbolic.equation_latex("y", sp.Integer(3)) == "y = 3"
+    expanded = symbolic.equation_latex("f", sp.exp(_x**2 + 2 * _x + 1), factor_exponents=False)
+    assert "x^{2} + 2 x + 1" in expanded
+    assert "\\left(x + 1\\right)^{2}" in symbolic.equation_latex("f", sp.exp(_x**2 + 2 * _x + 1))
+
+
+def test_show_displays_a_math_object(monkeypatch):
+    display_module = pytest.importorskip("IPython.display")
+    shown = []
+    monkeypatch.setattr(display_module, "display", lambda obj: shown.append(obj))
+    assert symbolic.show(r"\E[x]", _m) is None  # returns nothing: a cell ending in show() has no Out[]
+    (obj,) = shown
+    assert isinstance(obj, display_module.Math) and obj.data == r"\E[x] = m"

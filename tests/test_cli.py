@@ -1,12 +1,16 @@
-"""The command line: help, a dry-run train -> sample -> eval round trip, pretrained names, and
-error paths (one line on stderr, exit 2 for usage and 1 at run time, never a traceback)."""
+"""The command line: help, a dry-run train -> sample -> eval round trip, pretrained names, an
+image folder, the shipped GPU configs, the console script, and error paths (one line on stderr,
+exit 2 for usage and 1 at run time, never a traceback), including options that would be ignored."""
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import os
+import shutil
 import subprocess
 import sys
+import sysconfig
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +18,7 @@ import pytest
 
 import ddpm_lib
 from ddpm_lib.cli import main
+from ddpm_lib.models import ddpm_cifar10
 from ddpm_lib.presets import apply_overrides, load_run_config, preset_names
 
 SRC = str(Path(ddpm_lib.__file__).parents[1])
@@ -55,7 +60,8 @@ def dry_runs(tmp_path_factory):
     """Dry-run trainings of swissroll and digits (a few steps, tiny models) in a tmp dir."""
     root = tmp_path_factory.mktemp("runs")
     for name in ("swissroll", "digits"):
-        assert main(["train", "--config", name, "--dry-run", "--out", str(root / name)]) == 0
+        grids = ["--set", "train.sample_every=2", "train.num_samples=100", "train.sample_steps=5"]
+        assert main(["train", "--config", name, "--dry-run", "--out", str(root / name), *grids]) == 0
     return root
 
 
@@ -66,6 +72,32 @@ def test_dry_run_writes_a_resumable_checkpoint(dry_runs, capsys):
         assert info["config"]["train"]["steps"] == 3 and "ddpm train --config" in info["command"]
     code, out, _ = run_main(capsys, "train", "--config", "swissroll", "--dry-run", "--out", str(dry_runs / "swissroll"))
     assert code == 0 and "resuming from" in out and "step 3" in out
+
+
+def test_training_logs_sample_grids_and_their_metrics(dry_runs):
+    for name, metrics in (("swissroll", {"sliced_wasserstein", "sliced_wasserstein_floor"}),
+                          ("digits", {"frechet_distance", "frechet_distance_floor", "kid", "kid_floor"})):
+        records = [json.loads(line) for line in (dry_runs / name / "log.jsonl").read_text().splitlines()]
+        grids = [r for r in records if "samples" in r]
+        assert [r["step"] for r in grids] == [2, 3], name  # sample_every=2, and the last step
+        for r in grids:
+            assert (dry_runs / name / r["samples"]).stat().st_size > 1000
+            assert metrics <= r.keys() and all(r[m] is not None and r[m] > -1 for m in metrics), r
+    # a barely trained model is far from the data: the metric sits well above its real-vs-real floor
+    last = [json.loads(line) for line in (dry_runs / "swissroll" / "log.jsonl").read_text().splitlines()][-1]
+    assert last["sliced_wasserstein"] > 2 * last["sliced_wasserstein_floor"], last
+
+
+def test_shipped_denoiser_configs_sample_and_the_gpu_ones_use_bf16():
+    for name in preset_names():
+        run = load_run_config(name)
+        if run.kind in ("unet", "mlp"):
+            assert 0 < run.train.sample_every <= run.train.steps // 3, f"{name}: grids during training"
+        gpu = name in ("shapes", "cifar10")
+        assert run.train.bf16 == run.train.channels_last == gpu, name
+    cifar = load_run_config("cifar10")
+    assert cifar.model == ddpm_cifar10() and cifar.data.name == "cifar10"  # the 35.7M network (test_models)
+    assert cifar.data.download is False  # offline by default: --set data.download=true fetches it
 
 
 def test_sample_and_eval_from_a_dry_run(dry_runs, tmp_path, capsys):
@@ -80,6 +112,13 @@ def test_sample_and_eval_from_a_dry_run(dry_runs, tmp_path, capsys):
     assert code == 0 and "frechet_distance" in out
     metrics = json.loads((tmp_path / "e.json").read_text())["metrics"]
     assert set(metrics) == {"frechet_distance", "kid", "memorization_median_ratio", "memorized_fraction"}
+    # eval of a run directory appends its results, at the checkpoint's step, to the run's log.jsonl
+    assert f"appended to {dry_runs / 'digits' / 'log.jsonl'}" in out
+    last = json.loads((dry_runs / "digits" / "log.jsonl").read_text().splitlines()[-1])
+    assert last["step"] == 3 and last["eval"]["frechet_distance"] == metrics["frechet_distance"]["value"]
+    assert last["eval_reference"]["kid"] == metrics["kid"]["reference"] and last["n"] == 40
+    swiss = [json.loads(s) for s in (dry_runs / "swissroll" / "log.jsonl").read_text().splitlines()]
+    assert any("sliced_wasserstein" in r.get("eval", {}) for r in swiss)
 
 
 def test_sample_from_pretrained_names(tmp_path, capsys):
@@ -138,3 +177,88 @@ def test_errors_are_one_line_without_traceback(dry_runs, tmp_path):
         assert "Traceback" not in err, f"{name}: traceback on stderr:\n{err}"
         assert len(lines) == 1 and lines[0].startswith("ddpm: error: "), f"{name}: not one error line: {err!r}"
         assert text in lines[0], f"{name}: {text!r} not in {lines[0]!r}"
+
+
+# options that would have no effect are refused: (argv, text of the one error line)
+IGNORED_OPTIONS = {
+    "w without cfg": (["sample", "--checkpoint", "digits_cond", "--w", "2"], "add --guidance cfg"),
+    "cfg without w": (["sample", "--checkpoint", "digits_cond", "--guidance", "cfg"], "needs --w"),
+    "scale without classifier": (["sample", "--checkpoint", "digits", "--scale", "2"], "add --classifier"),
+    "eta with ddpm": (["sample", "--checkpoint", "swissroll", "--eta", "0.5"], "--eta only applies to --sampler ddim"),
+    "eta with dpm++": (["sample", "--checkpoint", "swissroll", "--sampler", "dpm++", "--eta", "1"], "--sampler dpm++"),
+    "eval eta with ddpm": (["eval", "--checkpoint", "swissroll", "--eta", "1"], "--eta only applies"),
+    "eval 2-D metric fd": (["eval", "--checkpoint", "swissroll", "--metrics", "sw,fd"], "['fd'] do not apply"),
+    "eval acc unconditional": (["eval", "--checkpoint", "digits", "--metrics", "acc"], "['acc'] do not apply"),
+    "eval nll-batches 2-D": (["eval", "--checkpoint", "swissroll", "--nll-batches", "2"], "--nll-batches"),
+    "eval nll-batches no bpd": (["eval", "--checkpoint", "digits", "--metrics", "fd", "--nll-batches", "2"],
+                                "--nll-batches"),
+    "eval classifier n": (["eval", "--checkpoint", "digits_features", "--n", "10"], "--n do(es) not apply"),
+    "eval classifier sampler": (["eval", "--checkpoint", "digits_noisy_classifier", "--sampler", "ddim", "--steps", "5"],
+                                "--sampler, --steps do(es) not apply to a noisy_classifier"),
+    "eval classifier w": (["eval", "--checkpoint", "digits_features", "--w", "1"], "--w do(es) not apply"),
+    "eval feature classifier seed": (["eval", "--checkpoint", "digits_features", "--seed", "3"], "--seed"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(IGNORED_OPTIONS))
+def test_options_that_would_be_ignored_are_errors(case, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # were a check to fail, sample would write samples.png here
+    argv, text = IGNORED_OPTIONS[case]
+    code, out, err = run_main(capsys, *argv)
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("ddpm: error: "), (code, err)
+    assert text in lines[0], lines[0]
+    assert out == ""  # refused before any work
+
+
+def _image_folder(root: Path, n: int = 12) -> Path:
+    """n small RGB PNGs in two class folders (red-ish "a", blue-ish "b") of varied sizes."""
+    Image = pytest.importorskip("PIL.Image")
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        folder = root / ("a" if i % 2 else "b")
+        folder.mkdir(parents=True, exist_ok=True)
+        pixels = rng.integers(0, 256, (10 + i % 3, 12, 3), dtype=np.uint8)
+        pixels[..., 0 if i % 2 else 2] = 230
+        Image.fromarray(pixels).save(folder / f"{i}.png")
+    return root
+
+
+def test_train_on_an_image_folder_through_the_cli(tmp_path, capsys):
+    root, out = _image_folder(tmp_path / "photos"), tmp_path / "run"
+    code, stdout, err = run_main(capsys, "train", "--config", "shapes", "--dry-run", "--out", str(out), "--set",
+                                 "data.name=image_folder", f"data.root={root}", "data.image_size=8", "model.image_size=8",
+                                 "train.sample_every=3", "train.num_samples=6", "train.sample_steps=3")
+    assert code == 0, err
+    assert "trained unet to step 3" in stdout
+    run = json.loads((out / "run.json").read_text())
+    assert run["config"]["data"]["name"] == "image_folder" and run["config"]["data"]["root"] == str(root)
+    records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3] and records[-1]["samples"] == "samples/step_0000003.png"
+    assert (out / "samples" / "step_0000003.png").stat().st_size > 500
+    code, stdout, err = run_main(capsys, "sample", "--checkpoint", str(out), "--n", "4", "--steps", "3", "--label", "1",
+                                 "--out", str(tmp_path / "s.png"))
+    assert code == 0, err
+    assert np.load(tmp_path / "s.npz")["samples"].shape == (4, 3, 8, 8)
+    # the data and the model must agree on the image size; an image folder has no test split to evaluate on
+    code, _, err = run_main(capsys, "train", "--config", "shapes", "--dry-run", "--out", str(tmp_path / "bad"), "--set",
+                            "data.name=image_folder", f"data.root={root}", "data.image_size=8")
+    assert code == 2 and "expects [C, H, W] = [3, 32, 32] but data 'image_folder' gives [3, 8, 8]" in err
+    code, _, err = run_main(capsys, "eval", "--checkpoint", str(out), "--n", "4")
+    assert code == 1 and "none of the metrics" in err
+    code, _, err = run_main(capsys, "train", "--config", "shapes", "--set", "data.name=image_folder")
+    assert code == 2 and "DataConfig.root must name the folder" in err
+
+
+def test_ddpm_console_script_runs():
+    try:
+        importlib.metadata.distribution("ddpm_lib")
+    except importlib.metadata.PackageNotFoundError:
+        pytest.skip("ddpm_lib is not installed (pip install -e .), so there is no console script")
+    folders = [Path(sys.executable).parent, Path(sysconfig.get_path("scripts"))]
+    script = next((found for d in folders if (found := shutil.which("ddpm", path=str(d)))), None)
+    assert script is not None, f"no 'ddpm' script next to {sys.executable} or in {folders[1]}"
+    res = subprocess.run([script, "train", "--help"], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "ddpm train --config swissroll --out runs/swissroll" in res.stdout

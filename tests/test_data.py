@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import pickle
 import sys
@@ -240,30 +241,23 @@ def _write_idx(path, array: np.ndarray) -> None:
     path.write_bytes(header + array.astype(np.uint8).tobytes())
 
 
-@pytest.mark.parametrize("name, folder", [("mnist", "MNIST"), ("fashion_mnist", "FashionMNIST")])
-def test_mnist_files(tmp_path, name, folder):
-    pytest.importorskip("torchvision")
-    raw = tmp_path / folder / "raw"
+def _mnist_files(root, folder: str = "FashionMNIST") -> None:
+    """5 train and 3 test images of 28x28 in torchvision's raw MNIST layout, labels 0, 1, 2, ..."""
+    raw = root / folder / "raw"
     raw.mkdir(parents=True)
     rng = np.random.default_rng(0)
     for split, n in (("train", 5), ("t10k", 3)):
         _write_idx(raw / f"{split}-images-idx3-ubyte", rng.integers(0, 256, (n, 28, 28)))
         _write_idx(raw / f"{split}-labels-idx1-ubyte", np.arange(n) % 10)
-    ds = load_torchvision(name, tmp_path, train=True, image_size=32)
-    assert len(ds) == 5
-    x, y = ds[3]
-    assert x.shape == (1, 32, 32) and y == 3
-    check_range(x)
-    assert len(load_torchvision(name, tmp_path, train=False)) == 3
 
 
-def test_cifar10_files(tmp_path, monkeypatch):
-    pytest.importorskip("torchvision")
+def _cifar_files(root, monkeypatch) -> dict:
+    """CIFAR-10's python batches (2 images each, in the real pickle format; md5 check disabled)."""
     import torchvision.datasets.cifar as cifar
 
     # the real files' md5 sums are checked; ours are fakes in the same pickle format
     monkeypatch.setattr(cifar, "check_integrity", lambda *args, **kwargs: True)
-    base = tmp_path / "cifar-10-batches-py"
+    base = root / "cifar-10-batches-py"
     base.mkdir()
     rng = np.random.default_rng(0)
     batches = {}
@@ -272,6 +266,26 @@ def test_cifar10_files(tmp_path, monkeypatch):
         batches[name] = {"data": rng.integers(0, 256, (2, 3072), dtype=np.uint8), "labels": [i % 10, (i + 1) % 10]}
         (base / name).write_bytes(pickle.dumps(batches[name]))
     (base / "batches.meta").write_bytes(pickle.dumps({"label_names": [f"class{k}" for k in range(10)]}))
+    return batches
+
+
+@pytest.mark.vision
+@pytest.mark.parametrize("name, folder", [("mnist", "MNIST"), ("fashion_mnist", "FashionMNIST")])
+def test_mnist_files(tmp_path, name, folder):
+    pytest.importorskip("torchvision")
+    _mnist_files(tmp_path, folder)
+    ds = load_torchvision(name, tmp_path, train=True, image_size=32)
+    assert len(ds) == 5
+    x, y = ds[3]
+    assert x.shape == (1, 32, 32) and y == 3
+    check_range(x)
+    assert len(load_torchvision(name, tmp_path, train=False)) == 3
+
+
+@pytest.mark.vision
+def test_cifar10_files(tmp_path, monkeypatch):
+    pytest.importorskip("torchvision")
+    batches = _cifar_files(tmp_path, monkeypatch)
     ds = load_torchvision("cifar10", tmp_path, train=True)
     assert len(ds) == 10
     x, y = ds[0]
@@ -279,3 +293,81 @@ def test_cifar10_files(tmp_path, monkeypatch):
     want = torch.from_numpy(batches["data_batch_1"]["data"][0].astype(np.float32)).view(3, 32, 32) / 127.5 - 1
     torch.testing.assert_close(x, want)
     assert len(load_torchvision("cifar10", tmp_path, train=False)) == 2
+
+
+# -- the data of the run configs (ddpm_lib.presets) --------------------------------------------
+
+def test_eight_gaussians_is_a_cli_toy():
+    from ddpm_lib.presets import DataConfig, TOYS, load_data, toy_sampler
+
+    cfg = DataConfig(name="eight_gaussians", n=3000)
+    assert "eight_gaussians" in TOYS
+    (x,) = load_data(cfg, "train")
+    assert x.shape == (3000, 2) and x.dtype == torch.float32 and x.abs().max() <= 1
+    assert torch.equal(x, load_data(cfg, "train")[0]) and not torch.equal(x, load_data(cfg, "test")[0])
+    # the distance to the nearest of the 8 means is Rayleigh(0.05): mean 0.05 sqrt(pi / 2)
+    nearest = torch.cdist(x.double(), eight_gaussians().means).min(dim=1).values
+    assert nearest.max() < 0.3 and abs(nearest.mean().item() - 0.05 * math.sqrt(math.pi / 2)) < 0.005
+    fresh = toy_sampler(cfg)(10, generator=torch.Generator().manual_seed(1))
+    assert fresh.shape == (10, 2)
+
+
+@pytest.mark.parametrize("bad, field", [
+    ({"name": "mnist"}, "root"),
+    ({"name": "image_folder", "root": "x", "download": True}, "download"),
+    ({"name": "cifar10", "root": "x", "channels": 2}, "channels"),
+    ({"name": "imagenet"}, "name"),
+])
+def test_data_config_errors_name_the_field(bad, field):
+    from ddpm_lib.presets import DataConfig
+
+    with pytest.raises(ValueError, match=f"DataConfig.{field}"):
+        DataConfig.from_dict(bad)
+
+
+def test_run_config_checks_the_model_fits_the_data():
+    from ddpm_lib.presets import apply_overrides, load_run_config
+
+    run = apply_overrides(load_run_config("digits"), ["data.name=mnist", "data.root=/data", "data.image_size=8"])
+    assert run.data.image_shape() == (1, 8, 8)  # MNIST resized to the digits network's input
+    with pytest.raises(ValueError, match=r"\[1, 8, 8\] but data 'cifar10' gives \[3, 8, 8\]"):
+        apply_overrides(run, ["data.name=cifar10"])
+    with pytest.raises(ValueError, match="needs 2-D points"):
+        apply_overrides(load_run_config("swissroll"), ["data.name=digits"])
+    with pytest.raises(ValueError, match="takes images"):
+        apply_overrides(load_run_config("digits"), ["data.name=two_moons"])
+
+
+@pytest.mark.vision
+def test_torchvision_sets_through_the_data_config(tmp_path, monkeypatch):
+    pytest.importorskip("torchvision")
+    from ddpm_lib.presets import DataConfig, load_data, load_tensors
+
+    _mnist_files(tmp_path)
+    ds = load_data(DataConfig(name="fashion_mnist", root=str(tmp_path), image_size=16, channels=3), "train")
+    x, y = ds[4]
+    assert len(ds) == 5 and x.shape == (3, 16, 16) and y == 4
+    torch.testing.assert_close(x[0], x[2])  # grey replicated to RGB
+    images, labels = load_tensors(DataConfig(name="fashion_mnist", root=str(tmp_path)), "test")
+    assert images.shape == (3, 1, 32, 32) and labels.tolist() == [0, 1, 2]
+    with pytest.raises(FileNotFoundError, match="download"):  # nothing under this root
+        load_data(DataConfig(name="mnist", root=str(tmp_path / "nothing")), "train")
+    _cifar_files(tmp_path, monkeypatch)
+    grey = load_data(DataConfig(name="cifar10", root=str(tmp_path), image_size=8, channels=1), "test")
+    assert grey[0][0].shape == (1, 8, 8) and len(grey) == 2
+
+
+@pytest.mark.vision
+def test_mnist_trains_through_the_cli(tmp_path, capsys):
+    """``ddpm train`` on MNIST files (resized to the digits network's 8x8) for a few steps."""
+    pytest.importorskip("torchvision")
+    from ddpm_lib.cli import main
+
+    _mnist_files(tmp_path, folder="MNIST")
+    out = tmp_path / "run"
+    code = main(["train", "--config", "digits", "--dry-run", "--out", str(out), "--set", "data.name=mnist",
+                 f"data.root={tmp_path}", "data.image_size=8", "train.batch_size=4"])
+    assert code == 0, capsys.readouterr().err
+    records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3] and all(math.isfinite(r["loss"]) for r in records)
+    assert (out / "checkpoint" / "config.json").is_file()

@@ -154,19 +154,23 @@ def test_posterior_equals_gaussian_conditioning_for_all_t():
 
 
 def test_conversions_round_trip():
+    """x_t and v are built here in numpy from an INDEPENDENT alpha-bar (cumprod of 1 - beta of the
+    cosine schedule), so a wrong alpha-bar in GaussianDiffusion fails, not just an inconsistent one."""
     d = GaussianDiffusion.from_name("cosine", T=1000)
     B = 1000
-    x0, eps, t = torch.randn(B, 3, dtype=f64), torch.randn(B, 3, dtype=f64), torch.arange(B)
-    x_t = d.q_sample(x0, t, eps)
-    v = d.predict_v(x0, t, eps)
+    rng = np.random.default_rng(0)
+    x0_np, eps_np = rng.normal(size=(B, 3)), rng.normal(size=(B, 3))
+    ab = np.cumprod(1.0 - d.betas.numpy())[:, None]
+    x_t = torch.from_numpy(np.sqrt(ab) * x0_np + np.sqrt(1 - ab) * eps_np)
+    v_np = np.sqrt(ab) * eps_np - np.sqrt(1 - ab) * x0_np  # v by its definition (Salimans & Ho 2022, sec. 4)
+    x0, eps, v, t = torch.from_numpy(x0_np), torch.from_numpy(eps_np), torch.from_numpy(v_np), torch.arange(B)
     close = dict(rtol=1e-6, atol=1e-6)  # x0 from eps divides by sqrt(alpha_bar) ~ 5e-5 at t = T-1
+    torch.testing.assert_close(d.q_sample(x0, t, eps), x_t, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(d.predict_v(x0, t, eps), v, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(d.predict_x0_from_eps(x_t, t, eps), x0, **close)
     torch.testing.assert_close(d.predict_eps_from_x0(x_t, t, x0), eps, **close)
     torch.testing.assert_close(d.predict_x0_from_v(x_t, t, v), x0, **close)
     torch.testing.assert_close(d.predict_eps_from_v(x_t, t, v), eps, **close)
-    # v by its definition (Salimans & Ho 2022)
-    ab = d.alphas_cumprod[:, None]
-    torch.testing.assert_close(v, ab.sqrt() * eps - (1 - ab).sqrt() * x0)
 
 
 def test_v_prediction_is_finite_at_zero_terminal_snr():
@@ -285,6 +289,10 @@ def test_clear_errors():
         d.q_sample(x, t, torch.zeros(2, 4))
     with pytest.raises(ValueError, match="noise= or generator="):
         d.q_sample(x, t)
+    with pytest.raises(ValueError, match=r"shape mismatch: x0 \(2, 3\) vs x_t \(2, 4\)"):
+        d.q_posterior_mean_variance(x, torch.zeros(2, 4), t)
+    with pytest.raises(ValueError, match=r"t must have shape \[B\] = \[2\]"):
+        d.q_posterior_mean_variance(x, x, torch.tensor([0]))
     with pytest.raises(ValueError, match="out of range"):
         d.q_sample(x, torch.tensor([0, 10]), torch.zeros(2, 3))
     with pytest.raises(ValueError, match="unknown variance 'fixed'.*fixed_small"):

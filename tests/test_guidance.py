@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from ddpm_lib.guidance import classifier_free, classifier_guidance, loss_guidance
-from ddpm_lib.samplers import ddim_sample, dpm_solver_pp_sample
+from ddpm_lib.models import MLPConfig, MLPDenoiser
+from ddpm_lib.samplers import ddim_sample, ddpm_sample, dpm_solver_pp_sample
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -85,6 +86,52 @@ def test_classifier_free_w0_is_conditional_and_w_formula(mixture, diffusion):
         assert torch.allclose(cfg(x, TIMESTEPS, y=y), expected, rtol=0, atol=1e-12)
     # an int label broadcasts over the batch
     assert torch.allclose(cfg0(x, TIMESTEPS, y=1), exact(x, TIMESTEPS, y=torch.ones(len(x), dtype=torch.long)), atol=1e-15)
+
+
+def small_mlp(num_classes):
+    """A ddpm_lib MLP with a random (not zero-initialised) output layer, float64."""
+    torch.manual_seed(0)
+    model = MLPDenoiser(MLPConfig(hidden_dim=16, num_layers=1, time_embed_dim=16, num_classes=num_classes))
+    torch.nn.init.normal_(model.output.weight)
+    return model.double().eval()
+
+
+def test_classifier_free_defaults_to_the_models_null_label(mixture, diffusion):
+    """``classifier_free(model, w)`` reads the model's reserved null label (ddpm_lib models:
+    ``num_classes``); it is one clear error when the model has none."""
+    x = noisy_points(mixture, diffusion, TIMESTEPS, seed=5)
+    y = torch.arange(len(x)) % 3
+    model = conditional_model(mixture, diffusion)
+    model.null_label = NULL
+    assert torch.equal(classifier_free(model, 2.0)(x, TIMESTEPS, y=y), classifier_free(model, 2.0, NULL)(x, TIMESTEPS, y=y))
+    mlp = small_mlp(3)
+    with torch.no_grad():
+        default, explicit = (classifier_free(mlp, 2.0, *n)(x, TIMESTEPS, y=y) for n in ((), (3,)))
+        other = classifier_free(mlp, 2.0, 0)(x, TIMESTEPS, y=y)
+    assert mlp.null_label == 3 and torch.equal(default, explicit) and not torch.allclose(default, other)
+    for no_null in (conditional_model(mixture, diffusion), small_mlp(None)):  # a plain function, an unconditional model
+        with pytest.raises(ValueError, match="cannot determine the null label.*pass null_label="):
+            classifier_free(no_null, 1.0)
+    with pytest.raises(ValueError, match="null_label must be a non-negative integer"):
+        classifier_free(model, 1.0, -1)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_classifier_free_samples_on_cuda(mixture, diffusion):
+    """On CUDA, a guidance wrapper (a plain function) sampled WITHOUT x_T and with a CPU generator:
+    x_T is drawn on the CPU and moved to the diffusion's device, and the samples are right."""
+    cuda = diffusion.to("cuda")
+    y = torch.tensor([0, 1, 2], device="cuda").repeat(100)
+    cfg = classifier_free(conditional_model(mixture, cuda), 0.0, NULL)
+    for sample in (ddim_sample(cfg, cuda, (300, 2), steps=50, y=y, generator=gen(12)),
+                   dpm_solver_pp_sample(cfg, cuda, (300, 2), steps=20, y=y, generator=gen(13))):
+        assert sample.device.type == "cuda"
+        labels = mixture.component_log_prob(sample.cpu()).argmax(1)
+        assert (labels == y.cpu()).double().mean() > 0.99
+    mlp = small_mlp(3).float().cuda()  # a ddpm_lib model: the null label comes from the model
+    with torch.no_grad():
+        out = ddpm_sample(classifier_free(mlp, 1.0), cuda, (8, 2), steps=10, y=y[:8], generator=gen(14))
+    assert out.device.type == "cuda" and torch.isfinite(out).all()
 
 
 def test_learned_variance_channels_are_kept(mixture, diffusion):

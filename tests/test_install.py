@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -18,9 +20,14 @@ EXTRAS_ONLY = ["IPython", "ipywidgets", "ipykernel", "jupyter_book", "myst_nb", 
 
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("wheel")
+    # Built from a copy of the sources: setuptools writes build/ and *.egg-info next to them, and
+    # two xdist workers building in the checkout at once break each other's build.
+    src, out = tmp_path_factory.mktemp("src"), tmp_path_factory.mktemp("wheel")
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, src / name)
+    shutil.copytree(ROOT / "ddpm_lib", src / "ddpm_lib", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
     res = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
-                          "-w", str(out), str(ROOT)], capture_output=True, text=True)
+                          "-w", str(out), str(src)], capture_output=True, text=True)
     assert res.returncode == 0, res.stderr[-2000:]
     (path,) = out.glob("ddpm_lib-*.whl")
     return path
@@ -32,6 +39,20 @@ def test_wheel_contains_every_module(wheel):
         rel = py.relative_to(ROOT).as_posix()
         assert rel in names, f"{rel} missing from the wheel"
     assert not any(n.startswith(("tests/", "nbs/", "book/", "tools/")) for n in names)
+
+
+def test_wheel_contains_the_configs_and_pretrained_weights(wheel):
+    """Package data: ``ddpm train --config NAME`` and ``pretrained.load(NAME)`` need these files."""
+    names = set(zipfile.ZipFile(wheel).namelist())
+    presets = sorted(p.name for p in (ROOT / "ddpm_lib" / "presets").glob("*.json"))
+    assert "cifar10.json" in presets and "swissroll.json" in presets
+    for name in presets:
+        assert f"ddpm_lib/presets/{name}" in names, f"presets/{name} missing from the wheel"
+    manifest = json.loads((ROOT / "ddpm_lib" / "pretrained" / "manifest.json").read_text())
+    assert "ddpm_lib/pretrained/manifest.json" in names and manifest["models"]
+    for model, entry in manifest["models"].items():
+        for file in entry["files"]:  # config.json and model.safetensors of every shipped model
+            assert f"ddpm_lib/pretrained/{model}/{file}" in names, f"pretrained/{model}/{file} missing from the wheel"
 
 
 def test_installed_wheel_imports_without_book_tooling(wheel, tmp_path):

@@ -7,8 +7,10 @@ import math
 import pytest
 import torch
 
+from ddpm_lib import diffusion as diffusion_module
+from ddpm_lib import gaussian, losses
 from ddpm_lib.diffusion import GaussianDiffusion
-from ddpm_lib.gaussian import discretized_gaussian_log_likelihood, normal_kl
+from ddpm_lib.gaussian import discretized_gaussian_log_likelihood, normal_kl, standard_normal
 from ddpm_lib.schedules import cosine_betas, linear_betas, space_timesteps
 
 f64 = torch.float64
@@ -191,3 +193,67 @@ def test_nll_checks_the_data_range():
         d.nll_bits_per_dim(lambda x, t: x, torch.tensor([[0.0, 1.5]]))
     with pytest.raises(ValueError, match="NaN or inf"):
         d.nll_bits_per_dim(lambda x, t: x, torch.tensor([[0.0, math.inf]]))
+
+
+# --- devices: one noise helper, draws on the generator's device -------------------------
+
+
+def gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def test_standard_normal_draws_on_the_generators_device_then_moves():
+    """A CPU generator fills a tensor on another device ('meta' stands in for CUDA here): drawn on
+    the CPU, then moved; on the CPU the numbers are exactly the generator's own draws."""
+    g = gen(0)
+    out = standard_normal((3, 4), g, dtype=f64, device="meta")
+    assert out.device.type == "meta" and out.shape == (3, 4) and out.dtype == f64
+    # the 12 numbers came from the CPU generator (a draw made on 'meta' would not advance it)
+    reference = gen(0)
+    torch.randn(3, 4, generator=reference, dtype=f64)
+    assert torch.equal(torch.randn(5, generator=g), torch.randn(5, generator=reference))
+    assert torch.equal(standard_normal((3, 4), gen(0), dtype=f64, device="cpu"),
+                       torch.randn(3, 4, generator=gen(0), dtype=f64))
+    assert standard_normal((2,), gen(0)).device.type == "cpu"  # default: the generator's device
+
+
+def test_q_sample_losses_and_nll_draw_noise_through_the_one_helper(monkeypatch):
+    """q_sample, training_losses and nll_bits_per_dim all draw through ``standard_normal`` with the
+    caller's generator and the data's device (so a CPU generator works with CUDA data)."""
+    calls = []
+
+    def spy(shape, generator=None, *, dtype=None, device=None):
+        calls.append((generator, torch.device(device)))
+        return gaussian.standard_normal(shape, generator, dtype=dtype, device=device)
+
+    monkeypatch.setattr(diffusion_module, "standard_normal", spy)
+    monkeypatch.setattr(losses, "standard_normal", spy)
+    d = GaussianDiffusion(linear_betas(10))
+    x0, t, g = torch.rand(4, 3, dtype=f64) * 2 - 1, torch.tensor([0, 3, 6, 9]), gen(0)
+    x_t = d.q_sample(x0, t, generator=g)
+    d.training_losses(affine_model, x0, t, generator=g)
+    d.nll_bits_per_dim(lambda x, s: 0.5 * x, x0, generator=g)
+    assert len(calls) == 1 + 1 + 10 and all(c == (g, x0.device) for c in calls)
+    noise = torch.randn(x0.shape, generator=gen(0), dtype=f64)  # the generator's own stream
+    torch.testing.assert_close(x_t, d.q_sample(x0, t, noise), rtol=0, atol=0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cpu_generator_with_cuda_data():
+    """q_sample, training_losses and nll_bits_per_dim on CUDA data with a CPU generator give the
+    CPU results (same draws, moved); on CUDA a NaN input is not checked on the host (no per-step
+    sync): it shows up as a NaN loss, which the training loop checks."""
+    d_cpu = GaussianDiffusion(linear_betas(50))
+    d = d_cpu.to("cuda")
+    x0, t = torch.rand(4, 3, dtype=f64) * 2 - 1, torch.tensor([0, 10, 20, 49])
+    out = d.q_sample(x0.cuda(), t.cuda(), generator=gen(0))
+    assert out.device.type == "cuda"
+    torch.testing.assert_close(out.cpu(), d_cpu.q_sample(x0, t, generator=gen(0)))
+    ref, got = d_cpu.training_losses(affine_model, x0, t, generator=gen(1)), d.training_losses(affine_model, x0.cuda(), t.cuda(), generator=gen(1))
+    for key in ref:
+        torch.testing.assert_close(got[key].cpu(), ref[key])
+    model = lambda x, s: 0.5 * x  # noqa: E731
+    ref, got = d_cpu.nll_bits_per_dim(model, x0, generator=gen(2)), d.nll_bits_per_dim(model, x0.cuda(), generator=gen(2))
+    torch.testing.assert_close(got["total_bpd"].cpu(), ref["total_bpd"])
+    bad = d.training_losses(affine_model, torch.full((4, 3), math.nan, dtype=f64, device="cuda"), t.cuda(), generator=gen(1))
+    assert torch.isnan(bad["loss"]).all()

@@ -297,3 +297,78 @@ def test_training_steps_reduce_mse_on_fixed_batch(kind):
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < 0.6 * losses[0], losses[::5]
+
+
+# -- how the time embedding enters a residual block ---------------------------------------------
+
+def _block_with_embedding(scale_shift: bool, *, scale=None, shift=None, seed=0) -> ResBlock:
+    """A ResBlock (8 -> 8 channels, 2 GroupNorm groups) with random weights (the same for both
+    forms but the embedding projection), whose embedding projection outputs the constant
+    vector(s) given: its weight is zeroed and its bias holds ``shift`` (additive) or
+    ``(scale, shift)`` (AdaGN), whatever the embedding."""
+    shared = randomise(ResBlock(8, 16, norm_groups=2), seed=seed).state_dict()
+    block = ResBlock(8, 16, use_scale_shift_norm=scale_shift, norm_groups=2).eval()
+    block.load_state_dict({k: v for k, v in shared.items() if not k.startswith("emb_proj")}, strict=False)
+    proj = block.emb_proj[-1]
+    with torch.no_grad():
+        proj.weight.zero_()
+        proj.bias.copy_(torch.cat([scale, shift]) if scale_shift else shift)
+    return block
+
+
+def _capture(module: torch.nn.Module, pre: bool = False) -> list:
+    """Record a submodule's input (``pre``) or output on each call."""
+    seen = []
+    if pre:
+        module.register_forward_pre_hook(lambda m, args: seen.append(args[0].detach().clone()))
+    else:
+        module.register_forward_hook(lambda m, args, out: seen.append(out.detach().clone()))
+    return seen
+
+
+def test_adagn_scales_and_shifts_the_normalised_features():
+    """ADM's AdaGN (Dhariwal & Nichol 2021, sec. 3): GN(h) * (1 + s) + b enters the output layers."""
+    g = torch.Generator().manual_seed(1)
+    s, b = torch.randn(8, generator=g), torch.randn(8, generator=g)
+    block = _block_with_embedding(True, scale=s, shift=b)
+    normed, fed = _capture(block.out_norm), _capture(block.out_layers, pre=True)
+    block(torch.randn(2, 8, 4, 4, generator=g), torch.randn(2, 16, generator=g))
+    torch.testing.assert_close(fed[0], normed[0] * (1 + s[:, None, None]) + b[:, None, None])
+
+
+def test_additive_embedding_enters_before_the_norm():
+    """DDPM's block: GN(h + e), so the embedding goes through the normalisation."""
+    g = torch.Generator().manual_seed(2)
+    e = torch.randn(8, generator=g)
+    block = _block_with_embedding(False, shift=e)
+    conv_out, norm_in = _capture(block.in_conv), _capture(block.out_norm, pre=True)
+    block(torch.randn(2, 8, 4, 4, generator=g), torch.randn(2, 16, generator=g))
+    torch.testing.assert_close(norm_in[0], conv_out[0] + e[:, None, None])
+
+
+def test_adagn_and_additive_injection_differ():
+    """The same shift b, same other weights: AdaGN with s = 0 is GN(h) + b, the DDPM block GN(h + b).
+    GroupNorm removes each group's mean of b in the additive form, so a shift that is constant
+    within each group changes nothing there, but shifts AdaGN's output; a scale s != 0 then
+    changes AdaGN's output again."""
+    g = torch.Generator().manual_seed(3)
+    x, emb = torch.randn(2, 8, 4, 4, generator=g), torch.randn(2, 16, generator=g)
+    per_group = torch.tensor([0.7] * 4 + [-1.3] * 4)  # norm_groups=2: channels 0-3 and 4-7
+    zero, s = torch.zeros(8), torch.randn(8, generator=g)
+    out = {
+        "add, e = 0": _block_with_embedding(False, shift=zero)(x, emb),
+        "add, e = b": _block_with_embedding(False, shift=per_group)(x, emb),
+        "adagn, s = 0, b = 0": _block_with_embedding(True, scale=zero, shift=zero)(x, emb),
+        "adagn, s = 0, b": _block_with_embedding(True, scale=zero, shift=per_group)(x, emb),
+        "adagn, s, b": _block_with_embedding(True, scale=s, shift=per_group)(x, emb),
+    }
+    torch.testing.assert_close(out["add, e = 0"], out["adagn, s = 0, b = 0"])  # no embedding: the forms agree
+    torch.testing.assert_close(out["add, e = b"], out["add, e = 0"])  # GN(h + b) = GN(h): a per-group b cancels
+    assert (out["adagn, s = 0, b"] - out["adagn, s = 0, b = 0"]).abs().max() > 1e-2  # GN(h) + b keeps it
+    assert (out["adagn, s = 0, b"] - out["add, e = b"]).abs().max() > 1e-2
+    assert (out["adagn, s, b"] - out["adagn, s = 0, b"]).abs().max() > 1e-2  # the scale acts too
+    # and with a shift that varies inside a group, the additive block keeps only that variation
+    varying = torch.randn(8, generator=g)
+    centred = varying - varying.view(2, 4).mean(1).repeat_interleave(4)
+    torch.testing.assert_close(_block_with_embedding(False, shift=varying)(x, emb),
+                               _block_with_embedding(False, shift=centred)(x, emb))

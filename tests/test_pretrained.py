@@ -109,7 +109,9 @@ def test_swiss_roll_within_twice_the_floor():
 def test_digits_unconditional_passes_and_untrained_fails():
     shipped = load_source("digits")
     assert digits_failures(shipped) == []
-    assert any("frechet_distance" in f for f in digits_failures(untrained(shipped)))
+    fails = digits_failures(untrained(shipped))
+    assert any(f.startswith("frechet_distance") for f in fails), fails
+    assert any(f.startswith("kid") for f in fails), fails  # both thresholds catch the broken model
 
 
 def test_digits_conditional_passes_and_shuffled_labels_fail():

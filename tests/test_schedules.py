@@ -108,8 +108,11 @@ def test_space_timesteps_worked_examples():
     # Fractional stride 1.5 is rounded half to even, as Python's round: 0, round(1.5) = 2, 3.
     assert space_timesteps(4, [3]) == [0, 2, 3]
     assert space_timesteps(1000, "ddim4") == [0, 250, 500, 750]
-    # T // 3 = 333 gives 4 points; the smallest stride that gives exactly 3 is 334.
-    assert space_timesteps(1000, "ddim3") == [0, 334, 668]
+    # "ddimN" is stride T // N from 0, exactly N steps: 1000 // 3 = 333 (range(0, 1000, 333) would
+    # also give 999), and 10 // 7 = 1 (no stride gives exactly 7 points of range(0, 10, stride)).
+    assert space_timesteps(1000, "ddim3") == [0, 333, 666]
+    assert space_timesteps(10, "ddim7") == [0, 1, 2, 3, 4, 5, 6]
+    assert space_timesteps(1000, "ddim999") == list(range(999))
     assert space_timesteps(5, "ddim5") == [0, 1, 2, 3, 4]
 
 
@@ -148,14 +151,19 @@ def test_space_timesteps_properties(case):
 @given(T=st.integers(1, 2000), data=st.data())
 def test_space_timesteps_ddim_properties(T, data):
     n = data.draw(st.integers(1, T))
-    try:
-        kept = space_timesteps(T, f"ddim{n}")
-    except ValueError:
-        assert all(len(range(0, T, k)) != n for k in range(1, T + 1))
-        return
-    stride = kept[1] - kept[0] if n > 1 else None
-    assert len(kept) == n and kept[0] == 0 and kept[-1] < T
-    assert stride is None or kept == list(range(0, T, stride))
+    kept = space_timesteps(T, f"ddim{n}")  # every 1 <= N <= T is allowed
+    # exactly N steps at stride T // N from 0 (written out independently)
+    assert len(kept) == n and kept == [i * (T // n) for i in range(n)] and kept[-1] < T
+    # the "leading" grid reaches T - 1 only when it keeps every step (pitfall 1)
+    assert (kept[-1] == T - 1) == (n == T)
+
+
+def test_space_timesteps_ddim_unchanged_for_divisors():
+    """For N dividing T the grid is DDIM's range(0, T, T // N), as before exactly-N spacing was
+    introduced (the shipped models' metrics were measured on it)."""
+    for T in (1, 7, 12, 100, 1000):
+        for n in (n for n in range(1, T + 1) if T % n == 0):
+            assert space_timesteps(T, f"ddim{n}") == list(range(0, T, T // n)), (T, n)
 
 
 # --- respacing ---------------------------------------------------------------------------
@@ -184,9 +192,11 @@ def test_respaced_chain_keeps_alpha_bar(T, data):
 
 
 @pytest.mark.parametrize("T", [0, -3, 2.5, True, "10"])
-def test_bad_T(T):
-    with pytest.raises(ValueError, match="T .* integer >= 1"):
-        linear_betas(T)
+@pytest.mark.parametrize("make", [linear_betas, cosine_betas, lambda T: get_betas("linear", T),
+                                  lambda T: get_betas("cosine", T)], ids=["linear", "cosine", "get_linear", "get_cosine"])
+def test_bad_T(T, make):
+    with pytest.raises(ValueError, match=r"^T \(the number of diffusion steps\) must be an integer >= 1, got"):
+        make(T)
 
 
 def test_unknown_schedule_lists_known():
@@ -227,8 +237,6 @@ def test_respace_betas_bad_timesteps():
 def test_space_timesteps_errors():
     with pytest.raises(ValueError, match="section 0 has 5 steps, cannot take 6"):
         space_timesteps(10, [6, 1])
-    with pytest.raises(ValueError, match="no integer stride gives exactly 7"):
-        space_timesteps(10, "ddim7")
     with pytest.raises(ValueError, match="cannot parse"):
         space_timesteps(10, "ddimfast")
     with pytest.raises(ValueError, match=">= 1"):

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
@@ -23,7 +24,9 @@ from ddpm_lib import models
 from ddpm_lib.checkpoint import latest_checkpoint, load_checkpoint, read_config
 from ddpm_lib.ema import ema_decay, ema_update
 from ddpm_lib.models.config import ModelConfig
-from ddpm_lib.train import DiffusionConfig, TrainConfig, TrainingDivergedError, lr_at, train
+from ddpm_lib.train import (
+    DiffusionConfig, TrainConfig, TrainingDivergedError, draw_samples, lr_at, points_metrics, train,
+)
 
 WORKER = Path(__file__).with_name("_ddp_worker.py")
 SRC = str(Path(ddpm_lib.__file__).parents[1])  # the worker imports the ddpm_lib under test
@@ -185,12 +188,28 @@ def test_resume_is_bit_exact_in_process(tmp_path):
 
 
 def test_dataset_and_tensor_inputs_give_the_same_run(tmp_path):
+    """A map-style Dataset is read through the same seeded index stream as a tensor (item by
+    item, or by reader threads): the same batches, so the same run."""
     LabelledPoints = worker().LabelledPoints
     x, y = moons()
     c = cfg(steps=4, checkpoint_every=0)
     train(TINY_COND, DIFF, c, (x, y), out_dir=tmp_path / "t", progress=False)
     train(TINY_COND, DIFF, c, LabelledPoints(x, y, 0.0), out_dir=tmp_path / "d", progress=False)
+    train(TINY_COND, DIFF, c.replace(data_workers=3), LabelledPoints(x, y, 0.0), out_dir=tmp_path / "w", progress=False)
     assert_checkpoints_equal(tmp_path / "t" / "checkpoint", tmp_path / "d" / "checkpoint")
+    assert_checkpoints_equal(tmp_path / "t" / "checkpoint", tmp_path / "w" / "checkpoint")
+
+
+@pytest.mark.parametrize("as_dataset", [False, True])
+def test_labels_outside_the_classes_are_refused(tmp_path, as_dataset):
+    """Label num_classes is the null label: data carrying it (or more) would silently train the
+    unconditional branch, so it is refused, for tensors and for Datasets."""
+    x, y = moons()
+    y = y.clone()
+    y[7] = 2  # TINY_COND has num_classes = 2
+    data = worker().LabelledPoints(x, y, 0.0) if as_dataset else (x, y)
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 2\)"):
+        train(TINY_COND, DIFF, cfg(steps=6, batch_size=100), data, out_dir=tmp_path, progress=False)
 
 
 def worker():
@@ -315,9 +334,77 @@ def test_cuda_only_switches_are_no_ops_on_cpu(tmp_path):
     x, y = moons()
     base = cfg(steps=3, checkpoint_every=0)
     train(TINY_COND, DIFF, base, (x, y), out_dir=tmp_path / "a", progress=False)
-    fancy = base.replace(bf16=True, channels_last=True, compile=True, device="cpu")
-    train(TINY_COND, DIFF, fancy, (x, y), out_dir=tmp_path / "b", progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # bf16 and channels_last are silent no-ops on the CPU, by design
+        train(TINY_COND, DIFF, base.replace(bf16=True, channels_last=True, device="cpu"), (x, y),
+              out_dir=tmp_path / "b", progress=False)
+    with pytest.warns(UserWarning, match="compile=True is ignored on cpu"):  # compile is not silent
+        train(TINY_COND, DIFF, base.replace(bf16=True, channels_last=True, compile=True, device="cpu"), (x, y),
+              out_dir=tmp_path / "c", progress=False)
     assert_checkpoints_equal(tmp_path / "a" / "checkpoint", tmp_path / "b" / "checkpoint")
+    assert_checkpoints_equal(tmp_path / "a" / "checkpoint", tmp_path / "c" / "checkpoint")
+
+
+def log_record(c: TrainConfig, x, out_dir: Path) -> dict:
+    train(TINY, DIFF, c, x, out_dir=out_dir, progress=False)
+    return json.loads((out_dir / "log.jsonl").read_text().splitlines()[-1])
+
+
+def _grads(model: nn.Module) -> torch.Tensor:
+    return torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+
+
+def test_gradient_clipping_clips_and_logs_the_norm_before_clipping(tmp_path):
+    """After the last step the model keeps the gradients the optimiser used: with clipping they
+    are the unclipped ones scaled to norm grad_clip, and the log's grad_norm is the norm before."""
+    x = moons()[0]
+    base = cfg(steps=1, label_dropout=0.0, log_every=1, checkpoint_every=0)
+    free = train(TINY, DIFF, base.replace(grad_clip=1e9), x, out_dir=tmp_path / "free", progress=False)
+    g = _grads(free.model)  # the first step's gradient: the same in both runs (same seed and batch)
+    norm = g.norm().item()
+    assert json.loads((tmp_path / "free" / "log.jsonl").read_text())["grad_norm"] == pytest.approx(norm, rel=1e-5)
+    max_norm = norm / 4
+    clipped = train(TINY, DIFF, base.replace(grad_clip=max_norm), x, out_dir=tmp_path / "clip", progress=False)
+    gc = _grads(clipped.model)
+    assert gc.norm().item() <= max_norm * (1 + 1e-6)
+    torch.testing.assert_close(gc, g * (max_norm / norm), rtol=1e-5, atol=1e-9)  # same direction, shorter
+    logged = json.loads((tmp_path / "clip" / "log.jsonl").read_text())["grad_norm"]
+    assert logged == pytest.approx(norm, rel=1e-5) and norm > 0  # the norm BEFORE clipping
+    assert "grad_norm" not in log_record(base.replace(grad_clip=None), x, tmp_path / "none")
+
+
+def test_sample_grids_are_ddim_from_one_fixed_noise_and_change_no_training_number(tmp_path):
+    from ddpm_lib.samplers import ddim_sample
+
+    x = moons()[0]
+    c = cfg(steps=5, sample_every=2, num_samples=40, sample_steps=5, label_dropout=0.0, checkpoint_every=0)
+    result = train(TINY, DIFF, c, x, out_dir=tmp_path / "grids", progress=False)
+    train(TINY, DIFF, c.replace(sample_every=0), x, out_dir=tmp_path / "none", progress=False)
+    assert_checkpoints_equal(tmp_path / "grids" / "checkpoint", tmp_path / "none" / "checkpoint")
+    records = [json.loads(s) for s in (tmp_path / "grids" / "log.jsonl").read_text().splitlines()]
+    grids = [r for r in records if "samples" in r]
+    assert [r["step"] for r in grids] == [2, 4, 5]  # every sample_every steps, and the last one
+    for r in grids:
+        assert (tmp_path / "grids" / r["samples"]).read_bytes()[:4] == b"\x89PNG"
+        # 2-D data: the sliced Wasserstein distance to the training data beside its real-vs-real floor
+        assert r["sliced_wasserstein"] > 0 and r["sliced_wasserstein_floor"] > 0
+    assert [r["step"] for r in records if "loss" in r] == [2, 4, 5]  # log_every=2, merged with the grids
+    # the grid: deterministic DDIM (eta = 0) from the x_T of a generator seeded with the run's seed
+    samples, labels = draw_samples(result.ema, result.diffusion, DIFF, c, (2,), None)
+    x_T = torch.randn(40, 2, generator=torch.Generator().manual_seed(c.seed))
+    torch.testing.assert_close(samples, ddim_sample(result.ema, result.diffusion, (40, 2), steps=5, eta=0.0, x_T=x_T))
+    assert labels is None and torch.equal(samples, draw_samples(result.ema, result.diffusion, DIFF, c, (2,), None)[0])
+
+
+def test_points_metrics_separate_data_from_noise():
+    from ddpm_lib.data import swiss_roll
+
+    metrics = points_metrics(swiss_roll(4000, generator=0))
+    good = metrics(swiss_roll(500, generator=1), None)
+    bad = metrics(0.3 * torch.randn(500, 2, generator=torch.Generator().manual_seed(2)), None)
+    assert good["sliced_wasserstein"] < 2 * good["sliced_wasserstein_floor"], good
+    assert bad["sliced_wasserstein"] > 4 * bad["sliced_wasserstein_floor"], bad
+    assert good["sliced_wasserstein_floor"] == bad["sliced_wasserstein_floor"]  # the floor depends on the data only
 
 
 def test_short_training_on_swiss_roll_lowers_the_loss(tmp_path):
@@ -330,6 +417,7 @@ def test_short_training_on_swiss_roll_lowers_the_loss(tmp_path):
     result = train(model, DiffusionConfig(T=100), c, x, out_dir=tmp_path, progress=True)
     records = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [50, 100, 150, 200, 250, 300]
+    assert records[-1]["samples"] == "samples/step_0000300.png" and records[-1]["sliced_wasserstein"] > 0
     losses = [r["loss"] for r in records]
     assert losses[-1] < min(0.6, losses[0]), losses  # an untrained (zero-output) model scores 1.0
     assert result.step == 300 and (tmp_path / "samples" / "step_0000300.png").stat().st_size > 1000

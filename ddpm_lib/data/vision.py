@@ -73,24 +73,32 @@ def resize_image(x: Tensor, size: int) -> Tensor:
 class ImageTransform:
     """uint8 image -> [C, H, W] float32 in [-1, 1]; with ``image_size``, centre-crop and resize.
 
-    A class rather than a lambda so DataLoader workers can pickle it.
+    ``channels`` (1 or 3) converts a PIL image to greyscale ("L") or RGB first, e.g. MNIST to
+    three channels for an RGB network. A class rather than a lambda so DataLoader workers can
+    pickle it.
     """
 
-    def __init__(self, image_size: int | None = None):
-        self.image_size = image_size
+    def __init__(self, image_size: int | None = None, channels: int | None = None):
+        if channels not in (None, 1, 3):
+            raise ValueError(f"channels must be None, 1 or 3, got {channels}")
+        self.image_size, self.channels = image_size, channels
 
     def __call__(self, image) -> Tensor:
+        if self.channels is not None and hasattr(image, "convert"):  # a PIL image
+            image = image.convert("L" if self.channels == 1 else "RGB")
         x = to_model_range(image)
+        if self.channels is not None and x.shape[0] != self.channels:
+            raise ValueError(f"expected a {self.channels}-channel image, got {x.shape[0]} channels")
         if self.image_size is not None:
             x = resize_image(center_crop_square(x), self.image_size)
         return x
 
     def __repr__(self) -> str:
-        return f"ImageTransform(image_size={self.image_size})"
+        return f"ImageTransform(image_size={self.image_size}, channels={self.channels})"
 
 
 def load_torchvision(name: str, root: str | Path, *, train: bool = True, download: bool = False,
-                     image_size: int | None = None) -> Dataset:
+                     image_size: int | None = None, channels: int | None = None) -> Dataset:
     """MNIST, Fashion-MNIST or CIFAR-10 through torchvision, items ``(image in [-1, 1], label)``.
 
     Args:
@@ -99,13 +107,20 @@ def load_torchvision(name: str, root: str | Path, *, train: bool = True, downloa
         train: the training split (else the test split).
         download: fetch the files if missing (needs a network).
         image_size: resize to this square size (e.g. 32 for MNIST in a CIFAR-sized U-Net).
+        channels: convert to 1 (greyscale) or 3 (RGB) channels; default the set's own.
     """
     key = name.lower().replace("-", "_")
     if key not in TORCHVISION_SETS:
         raise ValueError(f"unknown torchvision set {name!r}; known: {sorted(TORCHVISION_SETS)}")
     datasets = _require("torchvision.datasets", f"load_torchvision({name!r})")
     cls = getattr(datasets, TORCHVISION_SETS[key])
-    return cls(str(root), train=train, download=download, transform=ImageTransform(image_size))
+    try:
+        return cls(str(root), train=train, download=download, transform=ImageTransform(image_size, channels))
+    except RuntimeError as e:  # torchvision: "Dataset not found or corrupted. You can use download=True ..."
+        if download:
+            raise
+        raise FileNotFoundError(f"{TORCHVISION_SETS[key]} is not under {root} (torchvision: {e}); pass "
+                                f"download=True (ddpm train: --set data.download=true) to fetch it") from None
 
 
 class ImageFolderDataset(Dataset):

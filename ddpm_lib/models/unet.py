@@ -102,7 +102,7 @@ class UNetConfig(ModelConfig):
 
 
 def check_labels(y: Tensor | None, num_classes: int | None, batch: int, owner: str) -> None:
-    """Refuse labels for an unconditional model, and missing or out-of-range ones for a conditional one."""
+    """Refuse labels for an unconditional model, and missing or (on the CPU) out-of-range ones for a conditional one."""
     if num_classes is None:
         if y is not None:
             raise ValueError(f"{owner} is unconditional (num_classes=None) but was given y")
@@ -112,7 +112,10 @@ def check_labels(y: Tensor | None, num_classes: int | None, batch: int, owner: s
                          f"use y = {num_classes} (the null label) for the unconditional prediction")
     if y.shape != (batch,) or y.dtype not in (torch.int64, torch.int32):
         raise ValueError(f"{owner} expects y as an integer tensor of shape [{batch}], got {y.dtype} {tuple(y.shape)}")
-    if y.numel() and (int(y.min()) < 0 or int(y.max()) > num_classes):
+    # The value check reads y on the host: free for a CPU tensor, but on a GPU it would wait for
+    # the device on every forward call. There the embedding's own bounds check still refuses an
+    # out-of-range label, and the training loop checks the data's labels once, on the CPU.
+    if y.device.type == "cpu" and y.numel() and (int(y.min()) < 0 or int(y.max()) > num_classes):
         raise ValueError(f"{owner}: labels must be in [0, {num_classes}] ({num_classes} = null), "
                          f"got range [{int(y.min())}, {int(y.max())}]")
 

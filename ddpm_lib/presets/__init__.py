@@ -12,11 +12,16 @@ or an ill-typed value fails at once with a message naming the field (STYLE 12)::
 ``swissroll``               2-D swiss roll, MLP denoiser
 ``digits``                  8x8 digits, unconditional U-Net (``models.digits8``)
 ``digits_cond``             8x8 digits, class-conditional U-Net, label dropout 0.15 (CFG)
-``shapes``                  32x32 shapes, class-conditional U-Net (GPU-sized; nothing shipped)
+``shapes``                  32x32 shapes, class-conditional U-Net (GPU-sized; bf16; nothing shipped)
+``cifar10``                 CIFAR-10, the DDPM CIFAR-10 U-Net (35.7M; GPU; torchvision, downloads)
 ``digits_noisy_classifier`` digits classifier on noisy x_t, for classifier guidance
 ``digits_features``         digits FeatureClassifier: the feature space of the digits metrics
 ``shapes_features``         shapes FeatureClassifier: the feature space of the shapes metrics
 =========================== ===================================================================
+
+Any denoiser config trains on other data by override, e.g. a folder of images::
+
+    ddpm train --config cifar10 --set data.name=image_folder data.root=my_photos data.download=false
 """
 
 from __future__ import annotations
@@ -31,30 +36,64 @@ from typing import Any
 import torch
 
 from ddpm_lib.configs import DiffusionConfig, TrainConfig, _JSONConfig
-from ddpm_lib.data import ShapesDataset, checkerboard, load_digits_dataset, swiss_roll, two_moons
+from ddpm_lib.data import (
+    TORCHVISION_SETS, ImageFolderDataset, ShapesDataset, checkerboard, eight_gaussians, load_digits_dataset,
+    load_torchvision, swiss_roll, two_moons,
+)
 from ddpm_lib.models import MODEL_KINDS, ModelConfig
 
 __all__ = ["DataConfig", "RunConfig", "preset_names", "load_run_config", "apply_overrides", "dry_run",
-           "load_data", "toy_sampler", "DATASETS", "TOYS", "DENOISERS", "CLASSIFIERS"]
+           "load_data", "load_tensors", "toy_sampler", "DATASETS", "TOYS", "VISION_SETS", "DENOISERS", "CLASSIFIERS"]
 
 DENOISERS = ("unet", "mlp")
 CLASSIFIERS = ("feature_classifier", "noisy_classifier")
 
 
+# Image sets read from files through torchvision / Pillow (the ``vision`` extra): name -> native channels
+VISION_SETS = {"mnist": 1, "fashion_mnist": 1, "cifar10": 3, "image_folder": 3}
+
+
 @dataclass(frozen=True)
 class DataConfig(_JSONConfig):
-    """Which data: ``name`` is a key of :data:`DATASETS`. ``n`` and ``seed`` size and seed the
-    generated sets (2-D toys, shapes); ``image_size`` is the shapes' side. The digits ignore all
-    three (scikit-learn's fixed 1,438 / 359 train / test split)."""
+    """Which data: ``name`` is a key of :data:`DATASETS`.
+
+    * 2-D toys and shapes are generated: ``n`` points or images from ``seed``; ``image_size`` is
+      the shapes' side. The digits ignore ``n``, ``seed`` and ``image_size`` (scikit-learn's
+      fixed 1,438 / 359 train / test split).
+    * ``mnist``, ``fashion_mnist``, ``cifar10`` and ``image_folder`` are read from ``root``
+      (torchvision's layout, e.g. ``root/cifar-10-batches-py``, or any folder of images) by
+      ``ddpm_lib.data.vision``; ``download`` lets torchvision fetch a missing set (network).
+      Images are centre-cropped and resized to ``image_size`` (MNIST's 28 becomes 32, the size
+      a U-Net with three halvings needs) and converted to ``channels`` (default: the set's
+      own, 1 for the MNISTs, 3 otherwise). ``n`` and ``seed`` are unused: every file is used.
+    """
 
     name: str = "swiss_roll"
     n: int = 20000
     seed: int = 0
     image_size: int = 32
+    root: str | None = None
+    download: bool = False
+    channels: int | None = None
 
     def validate(self) -> None:
         self._require(self.name in DATASETS, "name", f"must be one of {sorted(DATASETS)}")
         self._require(self.n >= 1, "n", "must be >= 1")
+        self._require(self.image_size >= 1, "image_size", "must be >= 1")
+        self._require(self.channels in (None, 1, 3), "channels", "must be null (the data's own), 1 or 3")
+        if self.name in VISION_SETS:
+            self._require(self.root is not None, "root", f"must name the folder {self.name!r} is read from")
+        self._require(not (self.download and self.name not in TORCHVISION_SETS), "download",
+                      f"only applies to {sorted(TORCHVISION_SETS)}")
+
+    def image_shape(self) -> tuple[int, int, int] | None:
+        """(C, H, W) of the images this data gives; None for 2-D points."""
+        if self.name in TOYS:
+            return None
+        if self.name == "digits":
+            return (1, 8, 8)
+        native = VISION_SETS.get(self.name, 3)  # shapes: RGB
+        return (self.channels or native, self.image_size, self.image_size)
 
 
 def _digits(cfg: DataConfig, split: str):
@@ -68,8 +107,26 @@ def _shapes(cfg: DataConfig, split: str):
     return ds.images, ds.labels
 
 
+def _torchvision(cfg: DataConfig, split: str):
+    # A map-style Dataset, read item by item by the training loop (no full copy in memory).
+    return load_torchvision(cfg.name, cfg.root, train=split == "train", download=cfg.download,
+                            image_size=cfg.image_size, channels=cfg.channels)
+
+
+def _image_folder(cfg: DataConfig, split: str):
+    if split != "train":
+        raise ValueError(f"an image folder ({cfg.root}) has no test split; the metrics that need one "
+                         f"(fd, kid, acc, mem) do not apply")
+    return ImageFolderDataset(cfg.root, cfg.image_size, channels=cfg.channels or 3)
+
+
+def _eight_gaussians(n: int, generator=None):
+    return eight_gaussians().sample(n, generator=generator).float()
+
+
 # 2-D toys: name -> sampler(n, generator) [n, 2], clamped to [-1, 1] (the jitter can leave it)
-TOYS = {"swiss_roll": swiss_roll, "two_moons": two_moons, "checkerboard": checkerboard}
+TOYS = {"swiss_roll": swiss_roll, "two_moons": two_moons, "checkerboard": checkerboard,
+        "eight_gaussians": _eight_gaussians}
 
 
 def toy_sampler(cfg: DataConfig):
@@ -81,16 +138,47 @@ def _toy_data(cfg: DataConfig, split: str):
     return (toy_sampler(cfg)(cfg.n, generator=torch.Generator().manual_seed(cfg.seed + (split == "test"))),)
 
 
-# name -> function(DataConfig, split) -> (x,) or (images, labels); split is "train" or "test"
-DATASETS: dict[str, Any] = {**{name: _toy_data for name in TOYS}, "digits": _digits, "shapes": _shapes}
+# name -> function(DataConfig, split) -> (x,), (images, labels) or a map-style Dataset of
+# (image, label) items; split is "train" or "test"
+DATASETS: dict[str, Any] = {**{name: _toy_data for name in TOYS}, "digits": _digits, "shapes": _shapes,
+                            **{name: _torchvision for name in TORCHVISION_SETS}, "image_folder": _image_folder}
 
 
-def load_data(cfg: DataConfig, split: str = "train") -> tuple[torch.Tensor, ...]:
-    """``(x,)`` for 2-D toys or ``(images, labels)``, in [-1, 1]; ``split`` "train" or "test"
-    (held out: the digits' test split, or a fresh draw from another seed)."""
+def load_data(cfg: DataConfig, split: str = "train"):
+    """The data of ``cfg`` in [-1, 1]: ``(x,)`` for 2-D toys, ``(images, labels)`` for the digits
+    and shapes, a map-style ``Dataset`` of ``(image, label)`` for the file-based image sets
+    (``ddpm_lib.train.train`` takes all three). ``split`` is "train" or "test" (held out: the
+    digits' or torchvision's test split, or a fresh draw from another seed)."""
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
     return DATASETS[cfg.name](cfg, split)
+
+
+def load_tensors(cfg: DataConfig, split: str = "train") -> tuple[torch.Tensor, ...]:
+    """:func:`load_data` as tensors: a Dataset's items are read and stacked (for the metrics)."""
+    data = load_data(cfg, split)
+    if isinstance(data, tuple):
+        return data
+    items = [data[i] for i in range(len(data))]
+    return torch.stack([x for x, _ in items]), torch.tensor([int(y) for _, y in items], dtype=torch.long)
+
+
+def _check_model_fits_data(data: DataConfig, model: ModelConfig) -> None:
+    """The model's input size must be the data's: [C, S, S] images for the image models, 2-D for the MLP."""
+    shape = data.image_shape()
+    if model.kind != "mlp" and not hasattr(model, "in_channels"):
+        return  # a model kind of the user's own: nothing known to check
+    if model.kind == "mlp":
+        if shape is not None or model.data_dim != 2:
+            raise ValueError(f"model: an mlp (data_dim={model.data_dim}) needs 2-D points, but data "
+                             f"{data.name!r} gives {'images ' + str(list(shape)) if shape else '2-D points'}")
+        return
+    if shape is None:
+        raise ValueError(f"model: a {model.kind} takes images, but data {data.name!r} gives 2-D points")
+    want = (model.in_channels, model.image_size, model.image_size)
+    if want != shape:
+        raise ValueError(f"model: expects [C, H, W] = {list(want)} but data {data.name!r} gives {list(shape)}; "
+                         f"set model.in_channels / model.image_size or data.channels / data.image_size")
 
 
 @dataclass(frozen=True)
@@ -129,6 +217,7 @@ class RunConfig:
                 parts[section] = parse(d.get(section, {}))
             except (ValueError, TypeError) as e:
                 raise ValueError(f"{section}: {e}") from None
+        _check_model_fits_data(parts["data"], parts["model"])
         return cls(**parts, description=str(d.get("description", "")))
 
 
@@ -172,8 +261,9 @@ def _parse_value(text: str) -> Any:
 def apply_overrides(run: RunConfig, overrides: list[str]) -> RunConfig:
     """``["train.steps=100", "model.model_channels=16", "model.channel_mult=1,2"]`` applied to ``run``.
 
-    Each value is parsed (:func:`_parse_value`) and then type-checked by the section's dataclass;
-    a malformed item, unknown section or field, or ill-typed value raises ``ValueError``.
+    Each value is parsed (:func:`_parse_value`); the result is validated once, after ALL the
+    overrides, because some only make sense together (``data.name=image_folder data.root=...``).
+    A malformed item, an unknown section or field, or an ill-typed value raises ``ValueError``.
     """
     d = run.to_dict()
     for item in overrides:
@@ -184,11 +274,10 @@ def apply_overrides(run: RunConfig, overrides: list[str]) -> RunConfig:
         if section not in ("data", "model", "diffusion", "train"):
             raise ValueError(f"override {item!r}: unknown section {section!r} (data, model, diffusion or train)")
         d[section][field] = _parse_value(value.strip())
-        try:
-            RunConfig.from_dict(d)
-        except ValueError as e:
-            raise ValueError(f"bad override {item!r}: {e}") from None
-    return RunConfig.from_dict(d)
+    try:
+        return RunConfig.from_dict(d)
+    except ValueError as e:
+        raise ValueError(f"bad override{'s' if len(overrides) > 1 else ''} {' '.join(overrides)!r}: {e}") from None
 
 
 def dry_run(run: RunConfig) -> RunConfig:
