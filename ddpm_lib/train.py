@@ -74,7 +74,7 @@ from ddpm_lib.data import check_range
 from ddpm_lib.diffusion import GaussianDiffusion
 from ddpm_lib.ema import ema_decay, ema_update, make_ema
 
-__all__ = ["train", "TrainResult", "TrainingDivergedError", "DiffusionConfig", "TrainConfig", "lr_at", "BatchStream",
+__all__ = ["train", "TrainResult", "TrainingDivergedError", "DiffusionConfig", "TrainConfig", "lr_at", "optimizer_step", "BatchStream",
            "draw_samples", "points_metrics"]
 
 GENERATORS = ("data", "timestep", "noise", "label_dropout")
@@ -102,6 +102,27 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
         return cfg.lr * (step + 1) / cfg.warmup_steps
     progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
     return cfg.lr * LR_SCHEDULES[cfg.lr_schedule](min(1.0, progress))
+
+
+def optimizer_step(model: nn.Module, ema: nn.Module, optimizer: torch.optim.Optimizer, loss: Tensor, *,
+                   step: int, cfg: TrainConfig) -> Tensor | None:
+    """One update of Algorithm 1 (Ho et al. 2020) after the loss: the learning rate of 0-based
+    ``step`` (:func:`lr_at`), backward, global-norm clipping to ``cfg.grad_clip``, the optimiser
+    step, and the EMA update with its warm-up (DESIGN.md pitfall 7: once per optimiser step).
+
+    Returns the gradient norm BEFORE clipping as a 0-d tensor (no device sync), or None when
+    ``cfg.grad_clip`` is None. Shared by :func:`train` and the chapters' explicit loops.
+    """
+    for group in optimizer.param_groups:
+        group["lr"] = lr_at(step, cfg)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    grad_norm = None
+    if cfg.grad_clip is not None:
+        grad_norm = nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+    optimizer.step()
+    ema_update(ema, model, ema_decay(cfg.ema_decay, step + 1, cfg.ema_warmup))
+    return grad_norm
 
 
 class BatchStream:
@@ -430,8 +451,6 @@ def train(model_config, diffusion_config, train_config, data, *, out_dir, resume
         model.train()
         while step < cfg.steps:
             lr = lr_at(step, cfg)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
             # 4a. the global batch's indices, t, noise and label-dropout mask, same on every rank; our slice
             x0, y = source.get(distributed.shard(stream.take(cfg.batch_size), info))
             t = torch.randint(diffusion.T, (cfg.batch_size,), generator=gens["timestep"], device=device)
@@ -449,14 +468,9 @@ def train(model_config, diffusion_config, train_config, data, *, out_dir, resume
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_bf16):
                 losses = diffusion.training_losses(net, x0, t, noise, model_kwargs=kwargs, **dcfg.loss_kwargs())
             loss = losses["loss"].mean()
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.grad_clip is not None:  # returns the norm before clipping, as a tensor (no sync)
-                grad_norm = nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            optimizer.step()
+            grad_norm = optimizer_step(model, ema, optimizer, loss, step=step, cfg=cfg)
             step += 1
             decay = ema_decay(cfg.ema_decay, step, cfg.ema_warmup)
-            ema_update(ema, model, decay)
             pending.append(loss.detach().float())
             bar.update(1)
 

@@ -22,10 +22,11 @@ from torch import nn
 import ddpm_lib
 from ddpm_lib import models
 from ddpm_lib.checkpoint import latest_checkpoint, load_checkpoint, read_config
-from ddpm_lib.ema import ema_decay, ema_update
+from ddpm_lib.ema import ema_decay, ema_update, make_ema
 from ddpm_lib.models.config import ModelConfig
 from ddpm_lib.train import (
-    DiffusionConfig, TrainConfig, TrainingDivergedError, draw_samples, lr_at, points_metrics, train,
+    DiffusionConfig, TrainConfig, TrainingDivergedError, draw_samples, lr_at, optimizer_step, points_metrics,
+    train,
 )
 
 WORKER = Path(__file__).with_name("_ddp_worker.py")
@@ -436,3 +437,28 @@ def test_labelled_images_with_learned_variance_and_a_sample_grid(tmp_path):
     assert (tmp_path / "samples" / "step_0000002.png").stat().st_size > 500
     net, chain = load_model(tmp_path)
     assert net.config == model and chain.T == 20
+
+
+def test_optimizer_step_is_one_update_of_the_loop():
+    """``optimizer_step`` against the update written out: the lr of that step, the clipped
+    gradient, SGD's w - lr * g (an optimiser whose step is known exactly), then the EMA."""
+    torch.manual_seed(0)
+    model = nn.Linear(3, 1)
+    ema = make_ema(model)
+    c = cfg(steps=10, warmup_steps=4, lr=0.5, grad_clip=0.1, ema_decay=0.9)
+    opt = torch.optim.SGD(model.parameters(), lr=123.0)  # overwritten by the step's lr
+    x = torch.randn(8, 3, generator=torch.Generator().manual_seed(1))
+    w0 = [p.detach().clone() for p in model.parameters()]
+    loss = (model(x) ** 2).mean()
+    grads = torch.autograd.grad(loss, list(model.parameters()), retain_graph=True)
+    norm = torch.sqrt(sum((g ** 2).sum() for g in grads))
+    step = 2
+    got_norm = optimizer_step(model, ema, opt, loss, step=step, cfg=c)
+    torch.testing.assert_close(got_norm, norm)
+    lr = lr_at(step, c)
+    assert lr == pytest.approx(0.5 * 3 / 4) and opt.param_groups[0]["lr"] == lr
+    scale = min(1.0, c.grad_clip / (norm.item() + 1e-6))  # clip_grad_norm_'s factor
+    decay = ema_decay(c.ema_decay, step + 1)
+    for p, p_ema, w, g in zip(model.parameters(), ema.parameters(), w0, grads):
+        torch.testing.assert_close(p.detach(), w - lr * scale * g)
+        torch.testing.assert_close(p_ema.detach(), decay * w + (1 - decay) * p.detach())
