@@ -181,8 +181,24 @@ def applicable_metrics(loaded: Loaded) -> tuple[str, ...]:
     return tuple(m for m in IMAGE_METRICS if ok[m])
 
 
+def _feature_scores(fc, x: Tensor, train_x: Tensor, f_test: Tensor, wanted, g: torch.Generator) -> dict:
+    """Frechet distance and KID (those in ``wanted``) of samples ``x`` in the feature space of the
+    classifier ``fc``, against the test features ``f_test``, each as ``(value, reference)``: the
+    reference is the same metric for ``len(x)`` random training images (real-vs-real)."""
+    from ddpm_lib.metrics import extract_features, frechet_distance, kid
+
+    real = train_x[torch.randperm(len(train_x), generator=g)[: len(x)]]
+    f_x, f_real = extract_features(fc.features, x), extract_features(fc.features, real)
+    out = {}
+    if "fd" in wanted:
+        out["frechet_distance"] = (frechet_distance(f_x, f_test), frechet_distance(f_real, f_test))
+    if "kid" in wanted:
+        out["kid"] = (kid(f_x, f_test, generator=g)[0], kid(f_real, f_test, generator=g)[0])
+    return out
+
+
 def _image_metrics(loaded: Loaded, x: Tensor, y: Tensor | None, wanted, *, seed: int, nll_batches: int) -> dict:
-    from ddpm_lib.metrics import classifier_accuracy, extract_features, frechet_distance, kid, memorization_ratio
+    from ddpm_lib.metrics import classifier_accuracy, extract_features, memorization_ratio
 
     data = loaded.data
     fc_name = _feature_classifier_name(data)
@@ -192,17 +208,14 @@ def _image_metrics(loaded: Loaded, x: Tensor, y: Tensor | None, wanted, *, seed:
     train_x, _ = load_tensors(data, "train")
     test_x, test_y = load_tensors(data, "test")
     g = torch.Generator().manual_seed(seed)
-    real = train_x[torch.randperm(len(train_x), generator=g)[: len(x)]]  # real-vs-real: train subset vs test
     x = x.clamp(-1, 1)
     out: dict[str, Any] = {}
     if {"fd", "kid"} & wanted:
         fc = pretrained.load(fc_name)
-        f_x, f_real, f_test = (extract_features(fc.features, v) for v in (x, real, test_x))
-        if "fd" in wanted:
-            out["frechet_distance"] = _row(frechet_distance(f_x, f_test), frechet_distance(f_real, f_test),
-                                           f"{fc_name} features, vs test set; ref: n train images")
-        if "kid" in wanted:
-            out["kid"] = _row(kid(f_x, f_test, generator=g)[0], kid(f_real, f_test, generator=g)[0], "vs test set; ref: n train images")
+        scores = _feature_scores(fc, x, train_x, extract_features(fc.features, test_x), wanted, g)
+        notes = {"frechet_distance": f"{fc_name} features, vs test set; ref: n train images",
+                 "kid": "vs test set; ref: n train images"}
+        out.update({k: _row(*v, notes[k]) for k, v in scores.items()})
     if "acc" in wanted and y is not None:
         fc = pretrained.load(fc_name)
         out["class_accuracy"] = _row(classifier_accuracy(fc, x, y), classifier_accuracy(fc, test_x, test_y),
@@ -276,18 +289,11 @@ def training_metrics(data: DataConfig):
     images against the test set), and the class accuracy of conditional samples. Cheap: the
     grid's samples (``num_samples``) and one pass of a small classifier.
     """
-    from ddpm_lib.metrics import classifier_accuracy, compare_to_data, extract_features, frechet_distance, kid
+    from ddpm_lib.metrics import classifier_accuracy, extract_features
+    from ddpm_lib.train import points_metrics
 
     if data.name in TOYS:
-        fresh = toy_sampler(data)
-
-        def points(x: Tensor, y: Tensor | None) -> dict[str, float]:
-            if not torch.isfinite(x).all():
-                return {"sliced_wasserstein": None}
-            r = compare_to_data(x, fresh, repeats=3, generator=torch.Generator().manual_seed(0))
-            return {"sliced_wasserstein": r["metric"], "sliced_wasserstein_floor": r["floor"]}
-
-        return points
+        return points_metrics(toy_sampler(data), repeats=3)
     fc_name = _feature_classifier_name(data)
     if fc_name is None:
         return None
@@ -300,12 +306,10 @@ def training_metrics(data: DataConfig):
         x = x.clamp(-1, 1)  # also maps NaN to NaN: then the feature statistics refuse it
         if not torch.isfinite(x).all():
             return {"frechet_distance": None}
-        g = torch.Generator().manual_seed(0)
-        real = train_x[torch.randperm(len(train_x), generator=g)[: len(x)]]
-        f_x, f_real = extract_features(fc.features, x), extract_features(fc.features, real)
-        out = {"frechet_distance": frechet_distance(f_x, f_test),
-               "frechet_distance_floor": frechet_distance(f_real, f_test),
-               "kid": kid(f_x, f_test, generator=g)[0], "kid_floor": kid(f_real, f_test, generator=g)[0]}
+        scores = _feature_scores(fc, x, train_x, f_test, {"fd", "kid"}, torch.Generator().manual_seed(0))
+        out = {}
+        for name, (value, reference) in scores.items():
+            out[name], out[f"{name}_floor"] = value, reference
         if y is not None:
             out["class_accuracy"] = classifier_accuracy(fc, x, y)
         return out

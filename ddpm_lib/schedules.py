@@ -43,7 +43,7 @@ def check_betas(betas: object) -> Tensor:
     """Validate a beta schedule and return it as a float64 tensor (on its own device).
 
     The betas are the variances of the forward steps q(x_t | x_{t-1}) = N(sqrt(1 - beta_t) x_{t-1},
-    beta_t I) (Ho et al. 2020, Eq. (2)), so each must lie in (0, 1). Every beta must lie in (0, 1). The LAST beta may also be exactly 1: that is the
+    beta_t I) (Ho et al. 2020, Eq. (2)), so each must lie in (0, 1). The LAST beta may also be exactly 1: that is the
     zero-terminal-SNR schedule of :func:`rescale_zero_terminal_snr`, whose final step
     destroys all signal. Anywhere else a beta of 1 would make alpha_bar 0 too early.
     """

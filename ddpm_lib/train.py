@@ -331,29 +331,36 @@ def draw_samples(ema: nn.Module, diffusion, dcfg: DiffusionConfig, cfg: TrainCon
     return x.float().cpu(), None if y is None else y.cpu()
 
 
-def points_metrics(points: Tensor, *, repeats: int = 5) -> SampleMetrics:
-    """The default ``sample_metrics`` for 2-D data: the sliced Wasserstein distance of the
-    samples to a random subset of the training ``points`` of the same size n, and beside it the
-    real-vs-real floor at that n (two disjoint training subsets), each averaged over
-    ``repeats`` subsets with the same projections (``ddpm_lib.metrics``; Bonneel et al. 2015).
-    Samples from the data law score about the floor; fixed seeds make the numbers comparable
-    across steps."""
-    from ddpm_lib.metrics import sliced_wasserstein
+def points_metrics(data: "Tensor | Callable[..., Tensor]", *, repeats: int = 5) -> SampleMetrics:
+    """The ``sample_metrics`` of 2-D data: the sliced Wasserstein distance of the samples to
+    reference data of the same size n, beside the real-vs-real floor at that n, each averaged
+    over ``repeats`` reference sets (``ddpm_lib.metrics.compare_to_data``; Bonneel et al. 2015).
+
+    ``data`` is a sampler ``(n, generator=...) -> [n, 2]`` of fresh data (the CLI passes the toy's
+    own), or a tensor of training points [N, 2], from which random subsets are drawn (the default
+    of :func:`train` for 2-D tensor data). Samples from the data law score about the floor; a
+    fixed seed makes the numbers comparable across steps.
+    """
+    from ddpm_lib.metrics import compare_to_data
+
+    if isinstance(data, Tensor):
+        points = data
+
+        def sampler(n: int, generator: torch.Generator | None = None) -> Tensor:
+            return points[torch.randperm(len(points), generator=generator)[:n]]
+
+        max_n = len(points)
+    else:
+        sampler, max_n = data, None
 
     def metrics(x: Tensor, y: Tensor | None) -> dict[str, float]:
-        n = min(len(x), len(points) // 2)
-        if n < 2:
+        x = x[:max_n]
+        if len(x) < 2:
             return {}
         if not torch.isfinite(x).all():
             return {"sliced_wasserstein": None, "sliced_wasserstein_floor": None}
-        g = torch.Generator().manual_seed(0)
-        sw = floor = 0.0
-        for _ in range(repeats):
-            perm = torch.randperm(len(points), generator=g)
-            ref, other = points[perm[:n]], points[perm[n:2 * n]]
-            sw += sliced_wasserstein(x[:n], ref, generator=torch.Generator().manual_seed(1)) / repeats
-            floor += sliced_wasserstein(other, ref, generator=torch.Generator().manual_seed(1)) / repeats
-        return {"sliced_wasserstein": sw, "sliced_wasserstein_floor": floor}
+        r = compare_to_data(x, sampler, repeats=repeats, generator=torch.Generator().manual_seed(0))
+        return {"sliced_wasserstein": r["metric"], "sliced_wasserstein_floor": r["floor"]}
 
     return metrics
 

@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+from ddpm_lib import book
 from ddpm_lib.analytic import GaussianMixture
 
 
@@ -62,7 +63,5 @@ def single_thread():
     little; on a shared 2-core runner the OpenMP barriers of 2 threads made a 1000-step sampler
     ~25x slower (386 s instead of 15 s, measured), so these modules opt into 1 thread.
     """
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+    with book.single_thread():
+        yield

@@ -27,6 +27,7 @@ import pytest
 import torch
 
 from ddpm_lib import metrics
+from ddpm_lib.book import single_thread
 from ddpm_lib.configs import DiffusionConfig, TrainConfig
 from ddpm_lib.data import swiss_roll
 from ddpm_lib.models import MLPConfig, MLPDenoiser
@@ -60,10 +61,8 @@ def quality(model: torch.nn.Module, diffusion) -> dict[str, float]:
 @pytest.fixture(scope="module", autouse=True)
 def one_thread():
     """Small matmuls: a second intra-op thread only adds contention when pytest -n 2 shares 2 cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with single_thread():
+        yield
 
 
 @pytest.fixture(scope="module")
