@@ -41,7 +41,8 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from ddpm_lib.samplers import alpha_bar_at  # abar at ORIGINAL timesteps, shared with guidance
+from ddpm_lib.diffusion import alpha_bar_at  # abar at ORIGINAL timesteps, shared with guidance
+from ddpm_lib.predictions import PREDICTIONS, check_choice, v_from_eps_x0, x0_from_eps
 
 __all__ = ["GaussianMixture"]
 
@@ -167,7 +168,29 @@ class GaussianMixture:
         a = alpha_bar_at(diffusion, t).to(x_t.device)
         a = a.reshape(-1, *([1] * (x_t.ndim - 1)))
         eps = self.eps_model(diffusion)(x_t.to(torch.float64), t)
-        return ((x_t - (1 - a).sqrt() * eps) / a.sqrt()).to(x_t.dtype)
+        return x0_from_eps(x_t.to(torch.float64), eps, a.sqrt(), (1 - a).sqrt()).to(x_t.dtype)
+
+    def denoiser(self, diffusion, prediction: str = "eps") -> Callable[..., Tensor]:
+        r"""The exact model ``model(x_t, t, y=None)`` predicting ``prediction`` (eps, x0 or v, Salimans
+        & Ho 2022, §4), with ``model.prediction`` set: :meth:`eps_model` for eps, Tweedie's
+        :math:`\mathbb E[x_0 \mid x_t]` for x0, and :math:`\sqrt{\bar\alpha}\,\mathbb E[\varepsilon]
+        - \sqrt{1-\bar\alpha}\,\mathbb E[x_0]` for v. The three are the same denoiser: every sampler
+        must give the same samples from each (the test of ``ddpm_lib.predictions``)."""
+        check_choice("prediction", prediction, PREDICTIONS)
+        eps_model = self.eps_model(diffusion)
+
+        def model(x_t: Tensor, t: Tensor, y: Tensor | None = None) -> Tensor:
+            eps = eps_model(x_t, t, y).to(torch.float64)
+            if prediction == "eps":
+                return eps.to(x_t.dtype)
+            a = alpha_bar_at(diffusion, t).to(x_t.device).reshape(-1, *([1] * (x_t.ndim - 1)))
+            sqrt_ab, sqrt_1m_ab = a.sqrt(), (1 - a).sqrt()
+            x0 = x0_from_eps(x_t.to(torch.float64), eps, sqrt_ab, sqrt_1m_ab)
+            out = x0 if prediction == "x0" else v_from_eps_x0(eps, x0, sqrt_ab, sqrt_1m_ab)
+            return out.to(x_t.dtype)
+
+        model.prediction = prediction
+        return model
 
     def eps_model(self, diffusion) -> Callable[..., Tensor]:
         r"""The exact noise predictor ``model(x_t, t, y=None)`` :math:`= \mathbb E[\varepsilon \mid x_t]`.

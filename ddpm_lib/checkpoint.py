@@ -44,6 +44,7 @@ from ddpm_lib.configs import DiffusionConfig, TrainConfig
 __all__ = [
     "FORMAT", "FORMAT_VERSION", "CheckpointError", "Checkpoint", "save_checkpoint",
     "load_checkpoint", "latest_checkpoint", "read_config", "load_model", "load_state_dict", "build_model",
+    "sha256_file", "ready_to_sample",
 ]
 
 FORMAT = "ddpm_lib.checkpoint"
@@ -98,7 +99,9 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: str | os.PathLike) -> str:
+    """The SHA-256 hex digest of a file, read in 1 MiB chunks (the manifests of checkpoints and
+    of ``ddpm_lib.pretrained`` record it)."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -168,7 +171,7 @@ def save_checkpoint(
     opt_tensors, opt_json = _flatten_optimizer(optimizer)
     _write_tensors(tmp / "state.safetensors", {**opt_tensors, **{f"rng.{k}": v for k, v in rng.items()}})
     _write_json(tmp / "state.json", {"step": step, "optimizer": opt_json, "loop": state or {}})
-    files = {name: {"bytes": (tmp / name).stat().st_size, "sha256": _sha256(tmp / name)}
+    files = {name: {"bytes": (tmp / name).stat().st_size, "sha256": sha256_file(tmp / name)}
              for name in WEIGHT_FILES + STATE_FILES}
     from ddpm_lib import __version__
 
@@ -232,7 +235,7 @@ def _check_manifest(ckpt: Path, config: dict[str, Any], names: tuple[str, ...]) 
         size = path.stat().st_size
         if size != expected.get("bytes"):
             raise _fail(path, f"is {size} bytes, config.json records {expected.get('bytes')} (truncated or replaced)")
-        if _sha256(path) != expected.get("sha256"):
+        if sha256_file(path) != expected.get("sha256"):
             raise _fail(path, "SHA-256 differs from the one config.json records (corrupt or replaced)")
 
 
@@ -307,13 +310,26 @@ def load_state_dict(module: torch.nn.Module, state: dict[str, Tensor], where: Pa
         raise _fail(where, f"does not fit the model its config.json describes ({str(e).splitlines()[0]} ...)") from None
 
 
+def ready_to_sample(model: torch.nn.Module, kind: str, diffusion_config: DiffusionConfig,
+                    device: str | torch.device):
+    """``(model, diffusion)`` in eval mode on ``device``; a denoiser (any kind but the classifiers)
+    carries its prediction and variance (``predictions.set_parameterization``), so that every
+    sampler reads them without being told."""
+    from ddpm_lib.predictions import set_parameterization
+    from ddpm_lib.presets import CLASSIFIERS
+
+    if kind not in CLASSIFIERS:
+        set_parameterization(model, prediction=diffusion_config.prediction, variance=diffusion_config.variance)
+    return model.to(device).eval(), diffusion_config.build().to(device)
+
+
 def load_model(path: str | os.PathLike, *, ema: bool = True, device: str | torch.device = "cpu"):
     """``(model, diffusion)`` rebuilt from a checkpoint, ready for sampling.
 
     The model is built from ``config.json``'s model config through ``ddpm_lib.models``'
     factory, given the EMA weights (``ema=True``, what one samples from) or the raw ones,
-    put in eval mode on ``device``; ``diffusion`` is the ``DiffusionConfig``'s chain. The
-    checkpoint's ``diffusion_config`` (prediction, variance) is ``read_config(path)["diffusion"]``.
+    put in eval mode on ``device``, and (a denoiser) told its ``prediction`` and ``variance``
+    (:func:`ready_to_sample`); ``diffusion`` is the ``DiffusionConfig``'s chain, on ``device``.
     """
     ck = load_checkpoint(path, training_state=False)
     try:
@@ -322,4 +338,4 @@ def load_model(path: str | os.PathLike, *, ema: bool = True, device: str | torch
         raise _fail(ck.path / "config.json", f"cannot build the model ({e})") from None
     name = "ema.safetensors" if ema else "model.safetensors"
     load_state_dict(model, ck.ema if ema else ck.model, ck.path / name)
-    return model.to(device).eval(), ck.diffusion_config.build()
+    return ready_to_sample(model, ck.model_config["kind"], ck.diffusion_config, device)

@@ -6,41 +6,68 @@ r"""Training the classifiers: the noisy one of classifier guidance and the clean
 * :class:`~ddpm_lib.models.FeatureClassifier` learns :math:`p(y \mid x_0)` on clean images; its
   penultimate features are the feature space of ``ddpm_lib.metrics`` (Frechet distance, KID).
 
-One function, :func:`train_classifier`, shaped like :func:`ddpm_lib.train.train` and built from
-its pieces (batch stream, seeded generators, LR schedule, EMA, resume, divergence check), writing
-the same checkpoint (``ddpm_lib.checkpoint``; safetensors + JSON, atomic): ``load_model`` rebuilds
-the classifier. A feature classifier's checkpoint records a default ``DiffusionConfig`` it does
-not use. Single process (no DDP): these nets train in minutes on a CPU::
+One function, :func:`train_classifier`, runs the package's one training loop
+(``ddpm_lib.loop.TrainLoop``: batch stream, seeded generators, LR schedule, EMA, resume,
+divergence check, the caller's RNG untouched) with cross-entropy as its loss, writing the same
+checkpoint (``ddpm_lib.checkpoint``; safetensors + JSON, atomic): ``load_model`` rebuilds the
+classifier. Its log adds ``train_acc``, the training accuracy over the logged window. A
+feature classifier's checkpoint records a default ``DiffusionConfig`` it does not use. Single
+process (no DDP): these nets train in minutes on a CPU::
 
     result = train_classifier({"kind": "feature_classifier"}, TrainConfig(steps=1500), (x, y), out_dir="runs/fc")
 """
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ddpm_lib import distributed
-from ddpm_lib.checkpoint import build_model, latest_checkpoint, save_checkpoint
-from ddpm_lib.configs import DiffusionConfig, TrainConfig, config_from_dict
-from ddpm_lib.ema import ema_decay, ema_update, make_ema
+from ddpm_lib.configs import DiffusionConfig
+from ddpm_lib.loop import TrainLoop, TrainResult
 from ddpm_lib.metrics import classifier_accuracy
-from ddpm_lib.train import (
-    BatchStream, TrainResult, _checked_losses, _Data, _generators, _normalize, _restore, _rng_states, _trim_log, lr_at,
-)
+from ddpm_lib.presets import CLASSIFIERS
 
-__all__ = ["train_classifier", "noisy_accuracy"]
+__all__ = ["train_classifier", "noisy_accuracy", "ClassifierLoop"]
 
 
 def _logits(model: nn.Module, diffusion, x0: Tensor, t: Tensor | None, noise: Tensor | None) -> Tensor:
     """The classifier's logits: on x0 (feature classifier) or on x_t = q_sample(x0, t, noise) (noisy)."""
     if t is None:
         return model(x0)
-    return model(diffusion.q_sample(x0, t, noise), t)
+    return model(diffusion.q_sample(x0, t, noise=noise), t)
+
+
+class ClassifierLoop(TrainLoop):
+    """:class:`~ddpm_lib.loop.TrainLoop` with the cross-entropy of a classifier: on clean x0, or,
+    for the noisy classifier of guidance, on x_t ~ q(x_t | x_0) at uniform t with the same t and
+    noise draws as the diffusion loop (Dhariwal & Nichol 2021, sec. 4)."""
+
+    shown = ("loss", "train_acc")
+
+    def setup(self) -> None:
+        if self.info.world_size > 1:  # W copies of one run would race on out_dir: refuse instead
+            raise ValueError(f"classifier training runs in one process; it was started on {self.info.world_size} "
+                             f"ranks (torchrun): run it without torchrun")
+        super().setup()
+        kind = self.model_config["kind"]
+        if kind not in CLASSIFIERS:
+            raise ValueError(f"train_classifier trains classifiers, got a model of kind {kind!r}")
+        if not self.source.has_labels:
+            raise ValueError("classifier training needs labelled data: (images, labels)")
+        self.noisy, self.correct = kind == "noisy_classifier", torch.zeros((), device=self.device)
+
+    def compute_loss(self, x0: Tensor, y: Tensor | None) -> Tensor:
+        t, noise = self.timesteps_and_noise(x0) if self.noisy else (None, None)
+        logits = _logits(self.net, self.diffusion, x0, t, noise)
+        self.correct += (logits.argmax(1) == y).float().mean().detach()  # summed on the device: no sync
+        return F.cross_entropy(logits, y)
+
+    def log_entries(self, window: Tensor) -> dict:
+        entries = super().log_entries(window)
+        entries["train_acc"] = (self.correct / len(window)).item()
+        self.correct = torch.zeros((), device=self.device)
+        return entries
 
 
 def train_classifier(model_config, train_config, data, *, diffusion_config=None, out_dir, resume: bool = True,
@@ -54,88 +81,10 @@ def train_classifier(model_config, train_config, data, *, diffusion_config=None,
             Dataset of ``(x, label)`` items.
         diffusion_config: the chain whose q(x_t | x_0) the noisy classifier sees (that of the
             denoiser it will guide); default ``DiffusionConfig()``.
-    Returns a :class:`ddpm_lib.train.TrainResult` (``ema`` is what the pretrained models ship).
+    Returns a :class:`ddpm_lib.loop.TrainResult` (``ema`` is what the pretrained models ship).
     """
-    dcfg = config_from_dict(DiffusionConfig, diffusion_config or DiffusionConfig())
-    cfg = config_from_dict(TrainConfig, train_config)
-    out_dir = Path(out_dir)
-    info = distributed.setup(cfg.device)
-    device = info.device
-    try:
-        if info.world_size > 1:  # W copies of one run would race on out_dir: refuse instead
-            raise ValueError(f"classifier training runs in one process; it was started on {info.world_size} "
-                             f"ranks (torchrun): run it without torchrun")
-        # 1. set-up: model, EMA, optimiser, generators, data (labels required)
-        torch.manual_seed(cfg.seed)
-        model = build_model(_normalize(model_config)).to(device)
-        model_config = _normalize(model_config, model)
-        if model_config["kind"] not in ("feature_classifier", "noisy_classifier"):
-            raise ValueError(f"train_classifier trains classifiers, got a model of kind {model_config['kind']!r}")
-        noisy = model_config["kind"] == "noisy_classifier"
-        ema = make_ema(model)
-        optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-        gens = _generators(cfg.seed, device)
-        source = _Data(data, device)
-        if not source.has_labels:
-            raise ValueError("classifier training needs labelled data: (images, labels)")
-        stream = BatchStream(len(source), gens["data"])
-        diffusion = dcfg.build().to(device)
-
-        # 2. resume from the last good checkpoint (same checks as the diffusion loop)
-        step = 0
-        if resume and (found := latest_checkpoint(out_dir)) is not None:
-            step = _restore(found, model, ema, optimizer, gens, stream, model_config, dcfg, cfg, device)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        log_path = out_dir / "log.jsonl"
-        _trim_log(log_path, step)
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=cfg.steps, initial=step, unit="step", disable=not progress)
-        pending: list[Tensor] = []
-        correct = torch.zeros((), device=device)
-
-        # 3. the loop: batch, (uniform t and noise), cross-entropy, AdamW, EMA
-        model.train()
-        while step < cfg.steps:
-            for group in optimizer.param_groups:
-                group["lr"] = lr_at(step, cfg)
-            x0, y = source.get(stream.take(cfg.batch_size))
-            t = noise = None
-            if noisy:
-                t = torch.randint(diffusion.T, (x0.shape[0],), generator=gens["timestep"], device=device)
-                noise = torch.randn(x0.shape, generator=gens["noise"], device=device)
-            logits = _logits(model, diffusion, x0, t, noise)
-            loss = F.cross_entropy(logits, y)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.grad_clip is not None:
-                nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            optimizer.step()
-            step += 1
-            ema_update(ema, model, ema_decay(cfg.ema_decay, step, cfg.ema_warmup))
-            pending.append(loss.detach().float())
-            correct += (logits.argmax(1) == y).float().mean().detach()
-            bar.update(1)
-
-            # 4. log (loss and training accuracy over the window) and atomic checkpoint
-            last = step == cfg.steps
-            do_log, do_ckpt = step % cfg.log_every == 0 or last, (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or last
-            if do_log or do_ckpt:
-                window = _checked_losses(pending, step, info)
-            if do_log:
-                record = {"step": step, "loss": window.mean().item(), "train_acc": (correct / len(pending)).item()}
-                bar.set_postfix(loss=f"{record['loss']:.4g}", acc=f"{record['train_acc']:.3f}", refresh=False)
-                with log_path.open("a") as f:
-                    f.write(json.dumps(record) + "\n")
-                pending, correct = [], torch.zeros((), device=device)
-            if do_ckpt:
-                save_checkpoint(out_dir, step=step, model_config=model_config, diffusion_config=dcfg, train_config=cfg,
-                                model=model.state_dict(), ema=ema.state_dict(), optimizer=optimizer.state_dict(),
-                                rng=_rng_states(gens, stream, device), state={"data_pos": stream.pos})
-        bar.close()
-        return TrainResult(model=model, ema=ema, diffusion=diffusion, step=step, out_dir=out_dir)
-    finally:
-        distributed.teardown(info)
+    return ClassifierLoop(model_config, diffusion_config or DiffusionConfig(), train_config, data, out_dir=out_dir,
+                          resume=resume, progress=progress).run()
 
 
 @torch.no_grad()
@@ -146,5 +95,5 @@ def noisy_accuracy(classifier: nn.Module, diffusion, images: Tensor, labels: Ten
     device = next(classifier.parameters()).device
     x0 = images.to(device)
     t_all = torch.full((x0.shape[0],), t, dtype=torch.long, device=device)
-    x_t = diffusion.to(device).q_sample(x0, t_all, torch.randn(x0.shape, generator=generator).to(device))
+    x_t = diffusion.to(device).q_sample(x0, t_all, noise=torch.randn(x0.shape, generator=generator).to(device))
     return classifier_accuracy(lambda x: classifier(x, t_all[: x.shape[0]]), x_t, labels)

@@ -10,15 +10,12 @@ optimisation (chapter 4's Algorithm 1 at scale). Both are read by ``ddpm_lib.tra
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import math
 from dataclasses import dataclass
-from typing import Any
 
 from ddpm_lib.diffusion import PREDICTIONS, VARIANCES, GaussianDiffusion
 from ddpm_lib.losses import LOSSES
-from ddpm_lib.models.config import check_keys
+from ddpm_lib.models.config import JSONConfig
 from ddpm_lib.schedules import SCHEDULES, get_betas, rescale_zero_terminal_snr
 
 __all__ = ["DiffusionConfig", "TrainConfig", "LR_SCHEDULES", "config_from_dict"]
@@ -29,52 +26,8 @@ LR_SCHEDULES = {
     "cosine": lambda progress: 0.5 * (1.0 + math.cos(math.pi * progress)),
 }
 
-_TYPES = {
-    "int": (int,), "float": (float, int), "bool": (bool,), "str": (str,),
-    "float | None": (float, int, type(None)), "str | None": (str, type(None)), "int | None": (int, type(None)),
-}
-
-
-class _JSONConfig:
-    """Type checks from the field annotations, then ``validate``; ``to_dict``/``from_dict``/JSON."""
-
-    def __post_init__(self) -> None:
-        for f in dataclasses.fields(self):
-            value, allowed = getattr(self, f.name), _TYPES[str(f.type)]
-            if (isinstance(value, bool) and bool not in allowed) or not isinstance(value, allowed):
-                raise ValueError(f"{type(self).__name__}.{f.name} must be {f.type}, got {value!r}")
-            if isinstance(value, int) and not isinstance(value, bool) and float in allowed:
-                object.__setattr__(self, f.name, float(value))  # JSON writes 1e-3 but may give 1
-        self.validate()
-
-    def validate(self) -> None:
-        pass
-
-    def _require(self, ok: bool, field: str, what: str) -> None:
-        if not ok:
-            raise ValueError(f"{type(self).__name__}.{field} {what}, got {getattr(self, field)!r}")
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]):
-        """Rebuild from ``to_dict()``; unknown keys and wrong types raise ``ValueError``."""
-        if not isinstance(d, dict):
-            raise ValueError(f"{cls.__name__} needs a dict, got {type(d).__name__}")
-        check_keys(cls, d)
-        return cls(**d)
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2)
-
-    @classmethod
-    def from_json(cls, text: str):
-        return cls.from_dict(json.loads(text))
-
-    def replace(self, **changes):
-        """A copy with some fields changed (validated again)."""
-        return type(self).from_dict({**self.to_dict(), **changes})
+# The one config base (shared with the model configs); presets' DataConfig imports it by this name.
+_JSONConfig = JSONConfig
 
 
 def config_from_dict(cls, value):
@@ -83,12 +36,15 @@ def config_from_dict(cls, value):
 
 
 @dataclass(frozen=True)
-class DiffusionConfig(_JSONConfig):
+class DiffusionConfig(JSONConfig):
     """The diffusion chain and what the model predicts and is trained on.
 
     ``loss`` is passed to ``losses.training_losses``: ``"simple"`` (DDPM eq. 14), ``"hybrid"``
     (improved DDPM eq. 16, needed by ``variance="learned_range"``) or ``"vlb"``.
     ``zero_terminal_snr`` rescales the betas so alpha-bar_T = 0 (pitfall 2; use v-prediction).
+    ``beta_start`` and ``beta_end``: the end points of the linear schedule (Ho et al. 2020, §4;
+    ``schedules.linear_betas``), None for its defaults 1e-4 and 0.02; the cosine schedule has
+    no such end points and refuses them.
     """
 
     schedule: str = "linear"
@@ -97,6 +53,8 @@ class DiffusionConfig(_JSONConfig):
     prediction: str = "eps"
     variance: str = "fixed_small"
     zero_terminal_snr: bool = False
+    beta_start: float | None = None
+    beta_end: float | None = None
 
     def validate(self) -> None:
         self._require(self.schedule in SCHEDULES, "schedule", f"must be one of {sorted(SCHEDULES)}")
@@ -106,10 +64,20 @@ class DiffusionConfig(_JSONConfig):
         self._require(self.variance in VARIANCES, "variance", f"must be one of {list(VARIANCES)}")
         self._require(not (self.variance == "learned_range" and self.loss == "simple"), "loss",
                       "must be 'hybrid' or 'vlb' with variance='learned_range'")
+        for name, value in self._schedule_kwargs().items():
+            self._require(self.schedule == "linear", name,
+                          f"applies to the linear schedule only, not {self.schedule!r}")
+            self._require(0 < value < 1, name, "must be in (0, 1)")
+        if self.beta_start is not None and self.beta_end is not None:
+            self._require(self.beta_start <= self.beta_end, "beta_end", f"must be >= beta_start = {self.beta_start}")
+
+    def _schedule_kwargs(self) -> dict[str, float]:
+        """The end points that were set, as keyword arguments of ``schedules.linear_betas``."""
+        return {k: v for k, v in (("beta_start", self.beta_start), ("beta_end", self.beta_end)) if v is not None}
 
     def build(self) -> GaussianDiffusion:
         """The ``GaussianDiffusion`` this config describes (float64 schedule, on the CPU)."""
-        betas = get_betas(self.schedule, self.T)
+        betas = get_betas(self.schedule, self.T, **self._schedule_kwargs())
         return GaussianDiffusion(rescale_zero_terminal_snr(betas) if self.zero_terminal_snr else betas)
 
     def loss_kwargs(self) -> dict[str, str]:
@@ -118,7 +86,7 @@ class DiffusionConfig(_JSONConfig):
 
 
 @dataclass(frozen=True)
-class TrainConfig(_JSONConfig):
+class TrainConfig(JSONConfig):
     """How to train: AdamW, warm-up, clipping, EMA, label dropout, logging, samples and checkpoints.
 
     ``batch_size`` is the GLOBAL batch: under DDP each of the W ranks gets batch_size / W
@@ -132,8 +100,8 @@ class TrainConfig(_JSONConfig):
 
     Every ``sample_every`` steps (and at the last step; 0 never) the EMA draws ``num_samples``
     samples with ``sample_steps`` deterministic DDIM steps (eta = 0; Song et al. 2021) from ONE
-    fixed x_T (seeded by ``seed``), so successive grids differ only by training; models that
-    predict x0 or v use ancestral DDPM from the same seed. The grid (images) or scatter plot
+    fixed x_T (seeded by ``seed``), so successive grids differ only by training; DDIM reads the
+    model's prediction (eps, x0 or v) from the ``DiffusionConfig``. The grid (images) or scatter plot
     (2-D) goes to ``out_dir/samples/step_NNNNNNN.png`` and its metrics to ``log.jsonl``.
     ``checkpoint_every = 0`` checkpoints only at the end.
 

@@ -24,39 +24,55 @@ import torch
 from torch import Tensor
 
 from ddpm_lib import losses
+from ddpm_lib.checks import check_timesteps
 from ddpm_lib.gaussian import standard_normal
+from ddpm_lib.predictions import (
+    PREDICTIONS, VARIANCES, check_choice, compute_dtype, eps_from_x0, eps_x0_from_prediction, resolve_prediction,
+    resolve_variance, split_output, v_from_eps_x0, x0_from_eps,
+)
 from ddpm_lib.schedules import check_betas, get_betas, respace_betas
 
-__all__ = ["extract", "GaussianDiffusion", "VARIANCES", "PREDICTIONS"]
-
-VARIANCES = ("fixed_small", "fixed_large", "learned_range")
-PREDICTIONS = ("eps", "x0", "v")
-
-
-def _check_choice(kind: str, value: str, allowed: Sequence[str]) -> None:
-    if value not in allowed:
-        raise ValueError(f"unknown {kind} {value!r}; allowed: {list(allowed)}")
+__all__ = ["extract", "alpha_bar_at", "GaussianDiffusion", "VARIANCES", "PREDICTIONS"]
 
 
 def extract(a: Tensor, t: Tensor, x: Tensor) -> Tensor:
-    """``a[t]`` cast to x's dtype and device, shaped [B, 1, ..., 1] to broadcast against x: reads
-    the per-timestep coefficients (sqrt(alpha_bar_t), beta-tilde_t, ...) of Ho et al. 2020,
-    Eqs. (4)-(7), at a batch of timesteps.
+    """``a[t]`` on x's device, shaped [B, 1, ..., 1] to broadcast against x: reads the per-timestep
+    coefficients (sqrt(alpha_bar_t), beta-tilde_t, ...) of Ho et al. 2020, Eqs. (4)-(7), at a batch
+    of timesteps.
 
-    The one indexing helper (STYLE 5): every per-timestep coefficient is read through it,
-    so schedules stay float64 until the moment of use. ``a`` is 1-D [T]; ``t`` an integer
-    tensor [B] with 0 <= t < T and B = x.shape[0].
+    The one indexing helper (STYLE 5): schedules stay float64 until the moment of use, and are
+    cast to float32 or better (``predictions.compute_dtype``), never to a half type: in bfloat16
+    sqrt(alpha_bar) = 0.99995 is 1.0. It checks nothing (it runs inside loops, where a check of
+    values would wait for the GPU); the public entry points check ``t`` once
+    (``checks.check_timesteps``).
     """
-    if not isinstance(t, Tensor) or t.dtype in (torch.bool,) or t.is_floating_point() or t.is_complex():
-        raise ValueError(f"t must be an integer tensor (LongTensor), got {getattr(t, 'dtype', type(t))}")
-    if t.ndim != 1 or t.shape[0] != x.shape[0]:
-        raise ValueError(f"t must have shape [B] = [{x.shape[0]}] to match x, got {tuple(t.shape)}")
-    if t.numel() and (t.min() < 0 or t.max() >= a.shape[0]):
-        raise ValueError(
-            f"timestep out of range: t must lie in [0, {a.shape[0]}), got min {t.min().item()}, max {t.max().item()}"
-        )
-    out = a.to(x.device)[t.to(x.device)].to(x.dtype)
-    return out.reshape(x.shape[0], *([1] * (x.ndim - 1)))
+    out = a.to(x.device)[t.to(x.device)].to(compute_dtype(x))
+    return out.reshape(t.shape[0], *([1] * (x.ndim - 1)))
+
+
+def alpha_bar_at(diffusion, t: Tensor) -> Tensor:
+    r""":math:`\bar\alpha_t = \prod_{s \le t}(1 - \beta_s)` (Ho et al. 2020, Eq. (4)) at ORIGINAL
+    timesteps ``t`` (LongTensor [B]), float64 [B] on the schedule's device.
+
+    ``diffusion`` is a ``GaussianDiffusion`` or a 1-D tensor of :math:`\bar\alpha_t`. A respaced
+    chain knows only its kept timesteps (``diffusion.timesteps``): asking for one it skipped
+    is an error where the check is free (on the host), not a silent look-up of the wrong index
+    (pitfall 10). Guidance wrappers and the analytic oracle read :math:`\bar\alpha` through this.
+    """
+    if isinstance(diffusion, Tensor):
+        alphas_cumprod, timesteps = diffusion, None
+    else:
+        alphas_cumprod, timesteps = diffusion.alphas_cumprod, diffusion.timesteps
+    t = torch.as_tensor(t).to(device=alphas_cumprod.device, dtype=torch.long).reshape(-1)
+    index = t
+    if timesteps is None:
+        check_timesteps(t, len(alphas_cumprod))
+    else:
+        timesteps = timesteps.to(alphas_cumprod.device)
+        index = torch.searchsorted(timesteps, t).clamp(max=len(timesteps) - 1)
+        if t.device.type == "cpu" and not torch.equal(timesteps[index], t):
+            raise ValueError(f"timesteps {t.tolist()} are not all kept timesteps of this chain")
+    return alphas_cumprod[index].to(torch.float64)
 
 
 def _check_same_shape(name_a: str, a: Tensor, name_b: str, b: Tensor) -> None:
@@ -147,8 +163,14 @@ class GaussianDiffusion:
 
     # --- forward process: q(x_t | x_0) and q(x_{t-1} | x_t, x_0) -----------------------
 
+    def check_t(self, t: object, x: Tensor) -> Tensor:
+        """``t`` checked against this chain and the batch of ``x`` (``checks.check_timesteps``):
+        what every public method below does once, and no loop does."""
+        return check_timesteps(t, self.T, x.shape[0])
+
     def q_mean_variance(self, x0: Tensor, t: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Mean, variance and log-variance of q(x_t | x_0) (Ho et al. 2020, Eq. (4)); each broadcastable to x0."""
+        self.check_t(t, x0)
         mean = self.sqrt_ab(t, x0)[0] * x0
         variance = extract(1.0 - self.alphas_cumprod, t, x0)
         log_variance = extract((1.0 - self.alphas_cumprod).log(), t, x0)
@@ -157,23 +179,26 @@ class GaussianDiffusion:
     def q_sample(
         self, x0: Tensor, t: Tensor, noise: Tensor | None = None, *, generator: torch.Generator | None = None
     ) -> Tensor:
-        """Draw x_t ~ q(x_t | x_0): sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps (Ho et al. 2020, Eq. (4)).
+        """Draw x_t ~ q(x_t | x_0): sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps (Ho et al. 2020, Eq. (4)),
+        computed in float32 or better and returned in x0's dtype.
 
         Pass the noise eps (same shape as x0) or a ``generator`` to draw it from; the draw is
         made on the generator's device and moved to x0's, so a CPU generator works with CUDA data.
         """
+        self.check_t(t, x0)
         if noise is None:
             if generator is None:
                 raise ValueError("q_sample needs noise= or generator= (no hidden global RNG)")
             noise = standard_normal(x0.shape, generator, dtype=x0.dtype, device=x0.device)
         _check_same_shape("x0", x0, "noise", noise)
         sqrt_ab, sqrt_1m_ab = self.sqrt_ab(t, x0)
-        return sqrt_ab * x0 + sqrt_1m_ab * noise
+        return (sqrt_ab * x0 + sqrt_1m_ab * noise).to(x0.dtype)
 
     def q_posterior_mean(self, x0: Tensor, x_t: Tensor, t: Tensor) -> Tensor:
         """Mean of q(x_{t-1} | x_t, x_0): coef1 x_0 + coef2 x_t (Ho et al. 2020, Eq. (7)).
         ValueError if x0 and x_t differ in shape."""
         _check_same_shape("x0", x0, "x_t", x_t)
+        self.check_t(t, x_t)
         return extract(self.posterior_mean_coef1, t, x_t) * x0 + extract(self.posterior_mean_coef2, t, x_t) * x_t
 
     def q_posterior_mean_variance(self, x0: Tensor, x_t: Tensor, t: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -185,63 +210,52 @@ class GaussianDiffusion:
         mean = self.q_posterior_mean(x0, x_t, t)
         return mean, extract(self.posterior_variance, t, x_t), extract(self.posterior_log_variance_clipped, t, x_t)
 
-    # --- conversions between eps, x0 and v (from x_t = sqrt(ab) x0 + sqrt(1-ab) eps) ---
+    # --- conversions between eps, x0 and v (ddpm_lib.predictions, at this chain's t) ---
 
     def sqrt_ab(self, t: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
-        """(sqrt(alpha_bar_t), sqrt(1 - alpha_bar_t)), each [B, 1, ..., 1] in x's dtype: the signal
-        and noise scales of q(x_t | x_0) (Ho et al. 2020, Eq. (4)) that every conversion below reads."""
+        """(sqrt(alpha_bar_t), sqrt(1 - alpha_bar_t)), each [B, 1, ..., 1] in float32 or better: the
+        signal and noise scales of q(x_t | x_0) (Ho et al. 2020, Eq. (4)) that every conversion reads."""
         return extract(self.sqrt_alphas_cumprod, t, x), extract(self.sqrt_one_minus_alphas_cumprod, t, x)
 
     def predict_x0_from_eps(self, x_t: Tensor, t: Tensor, eps: Tensor) -> Tensor:
-        """x0_hat = (x_t - sqrt(1 - alpha_bar_t) eps) / sqrt(alpha_bar_t)  (Ho et al. 2020, Eq. (15): Eq. (4) inverted)."""
-        sqrt_ab, sqrt_1m_ab = self.sqrt_ab(t, x_t)
-        return (x_t - sqrt_1m_ab * eps) / sqrt_ab
+        """x0_hat = (x_t - sqrt(1 - alpha_bar_t) eps) / sqrt(alpha_bar_t)  (Ho et al. 2020, Eq. (15))."""
+        return x0_from_eps(x_t, eps, *self.sqrt_ab(t, x_t))
 
     def predict_eps_from_x0(self, x_t: Tensor, t: Tensor, x0: Tensor) -> Tensor:
-        """eps_hat = (x_t - sqrt(alpha_bar_t) x0) / sqrt(1 - alpha_bar_t): Ho et al. 2020, Eq. (4),
-        x_t = sqrt(alpha_bar_t) x0 + sqrt(1 - alpha_bar_t) eps, solved for eps (the eps of an
-        x0-predicting model); finite even at alpha_bar = 0."""
-        sqrt_ab, sqrt_1m_ab = self.sqrt_ab(t, x_t)
-        return (x_t - sqrt_ab * x0) / sqrt_1m_ab
+        """eps_hat = (x_t - sqrt(alpha_bar_t) x0) / sqrt(1 - alpha_bar_t): Ho et al. 2020, Eq. (4) solved
+        for eps (the eps of an x0-predicting model); finite even at alpha_bar = 0."""
+        return eps_from_x0(x_t, x0, *self.sqrt_ab(t, x_t))
 
     def predict_v(self, x0: Tensor, t: Tensor, eps: Tensor) -> Tensor:
         """v = sqrt(alpha_bar_t) eps - sqrt(1 - alpha_bar_t) x0: the v-prediction target
         v = alpha_t eps - sigma_t x of Salimans & Ho 2022 (arXiv 2202.00512, §4), with
         alpha_t = sqrt(alpha_bar_t), sigma_t = sqrt(1 - alpha_bar_t)."""
-        sqrt_ab, sqrt_1m_ab = self.sqrt_ab(t, x0)
-        return sqrt_ab * eps - sqrt_1m_ab * x0
+        return v_from_eps_x0(eps, x0, *self.sqrt_ab(t, x0))
 
     def predict_x0_from_v(self, x_t: Tensor, t: Tensor, v: Tensor) -> Tensor:
-        """x0_hat = sqrt(alpha_bar_t) x_t - sqrt(1 - alpha_bar_t) v  (Salimans & Ho 2022, arXiv 2202.00512,
-        Appendix D: x = alpha_t z_t - sigma_t v)."""
-        sqrt_ab, sqrt_1m_ab = self.sqrt_ab(t, x_t)
-        return sqrt_ab * x_t - sqrt_1m_ab * v
+        """x0_hat = sqrt(alpha_bar_t) x_t - sqrt(1 - alpha_bar_t) v  (Salimans & Ho 2022, Appendix D)."""
+        return self.pred_x0_eps(v, x_t, t, "v")[0]
 
     def predict_eps_from_v(self, x_t: Tensor, t: Tensor, v: Tensor) -> Tensor:
-        """eps_hat = sqrt(1 - alpha_bar_t) x_t + sqrt(alpha_bar_t) v: from v = alpha_t eps - sigma_t x
-        (Salimans & Ho 2022, arXiv 2202.00512, §4 and Appendix D, eps = sigma_t z_t + alpha_t v)
-        with alpha_t^2 + sigma_t^2 = 1; finite at alpha_bar = 0 (zero terminal SNR)."""
-        sqrt_ab, sqrt_1m_ab = self.sqrt_ab(t, x_t)
-        return sqrt_1m_ab * x_t + sqrt_ab * v
+        """eps_hat = sqrt(1 - alpha_bar_t) x_t + sqrt(alpha_bar_t) v (Salimans & Ho 2022, §4 and
+        Appendix D); finite at alpha_bar = 0 (zero terminal SNR)."""
+        return self.pred_x0_eps(v, x_t, t, "v")[1]
+
+    def pred_x0_eps(self, pred: Tensor, x_t: Tensor, t: Tensor, prediction: str) -> tuple[Tensor, Tensor]:
+        """(x0_hat, eps_hat) from a model's prediction of eps, x0 or v at this chain's ``t``, through
+        ``predictions.eps_x0_from_prediction`` (the package's one conversion)."""
+        eps, x0 = eps_x0_from_prediction(pred, x_t, *self.sqrt_ab(t, x_t), prediction)
+        return x0, eps
 
     # --- the reverse model p(x_{t-1} | x_t) ---------------------------------------------
 
     def split_model_output(self, model_output: Tensor, x_t: Tensor, variance: str) -> tuple[Tensor, Tensor | None]:
-        """(prediction, variance values v or None): a ``learned_range`` model outputs 2C
-        channels along dim 1, the prediction first and v in [-1, 1] last, v being the
-        interpolation weight of Nichol & Dhariwal 2021, arXiv 2102.09672, Eq. (15) (read through
-        ``model_variance``). Other variances need an output shaped like x_t."""
-        _check_choice("variance", variance, VARIANCES)
+        """(prediction, variance values or None): ``predictions.split_output`` with this variance
+        (a ``learned_range`` model outputs 2C channels, Nichol & Dhariwal 2021, Eq. (15))."""
+        check_choice("variance", variance, VARIANCES)
         if variance != "learned_range":
             _check_same_shape("model output", model_output, "x_t", x_t)
-            return model_output, None
-        expected = (x_t.shape[0], 2 * x_t.shape[1], *x_t.shape[2:])
-        if tuple(model_output.shape) != expected:
-            raise ValueError(
-                f"learned_range needs a model output of shape {expected} (2C channels), got {tuple(model_output.shape)}"
-            )
-        pred, v = model_output.chunk(2, dim=1)
-        return pred, v
+        return split_output(model_output, x_t, variance)
 
     def model_variance(
         self, t: Tensor, x_t: Tensor, variance: str, var_values: Tensor | None = None
@@ -255,7 +269,7 @@ class GaussianDiffusion:
         * ``learned_range``: exp(frac log beta_t + (1 - frac) log beta_tilde_t), frac = (v + 1) / 2
           (improved DDPM eq. 15). v is not clamped, as in the reference code.
         """
-        _check_choice("variance", variance, VARIANCES)
+        check_choice("variance", variance, VARIANCES)
         if variance == "fixed_small":
             log_var = extract(self.posterior_log_variance_clipped, t, x_t)
             return extract(self.posterior_variance, t, x_t), log_var
@@ -264,22 +278,11 @@ class GaussianDiffusion:
             return extract(large, t, x_t), extract(large.log(), t, x_t)
         if var_values is None:
             raise ValueError("learned_range needs the model's variance values")
-        frac = (var_values + 1) / 2
+        frac = (var_values.to(compute_dtype(x_t)) + 1) / 2
         log_beta = extract(self.betas.log(), t, x_t)
         log_beta_tilde = extract(self.posterior_log_variance_clipped, t, x_t)
         log_var = frac * log_beta + (1 - frac) * log_beta_tilde
         return log_var.exp(), log_var
-
-    def pred_x0_eps(self, pred: Tensor, x_t: Tensor, t: Tensor, prediction: str) -> tuple[Tensor, Tensor]:
-        """(x0_hat, eps_hat) from a model's prediction of eps, x0 or v (the one conversion boundary):
-        eps via Ho et al. 2020, Eq. (15); x0 via Eq. (4) solved for eps; v via Salimans & Ho 2022,
-        Appendix D."""
-        _check_choice("prediction", prediction, PREDICTIONS)
-        if prediction == "eps":
-            return self.predict_x0_from_eps(x_t, t, pred), pred
-        if prediction == "x0":
-            return pred, self.predict_eps_from_x0(x_t, t, pred)
-        return self.predict_x0_from_v(x_t, t, pred), self.predict_eps_from_v(x_t, t, pred)
 
     def p_mean_variance_from_output(
         self,
@@ -292,16 +295,13 @@ class GaussianDiffusion:
         clip_denoised: bool = False,
     ) -> dict[str, Tensor]:
         """``p_mean_variance`` for a model output already computed (Ho et al. 2020, Eq. (11) in its
-        x0 form, the mean of Eq. (7) with x0_hat; see there)."""
-        pred, var_values = self.split_model_output(model_output, x_t, variance)
+        x0 form, the mean of Eq. (7) with x0_hat; see there). Computed in float32 or better."""
+        x_t = x_t.to(compute_dtype(x_t))
+        pred, var_values = self.split_model_output(model_output.to(x_t.dtype), x_t, variance)
         var, log_var = self.model_variance(t, x_t, variance, var_values)
-        # 1. predict x0 (and eps) from the model's output
-        x0_hat, eps_hat = self.pred_x0_eps(pred, x_t, t, prediction)
-        # 2. optionally clip x0 to the data range and make eps agree with it (pitfall 3)
-        if clip_denoised:
-            x0_hat = x0_hat.clamp(-1.0, 1.0)
-            eps_hat = self.predict_eps_from_x0(x_t, t, x0_hat)
-        # 3. the mean of p is the posterior mean with x0 replaced by its prediction (DDPM eq. 11)
+        # 1. eps and x0 from the model's prediction; optionally x0 clipped and eps re-derived (pitfall 3)
+        eps_hat, x0_hat = eps_x0_from_prediction(pred, x_t, *self.sqrt_ab(t, x_t), prediction, clip_denoised)
+        # 2. the mean of p is the posterior mean with x0 replaced by its prediction (DDPM eq. 11)
         mean = self.q_posterior_mean(x0_hat, x_t, t)
         return {
             "mean": mean,
@@ -319,8 +319,8 @@ class GaussianDiffusion:
         t: Tensor,
         *,
         model_t: Tensor | None = None,
-        variance: str = "fixed_small",
-        prediction: str = "eps",
+        variance: str | None = None,
+        prediction: str | None = None,
         clip_denoised: bool = False,
         model_kwargs: dict | None = None,
     ) -> dict[str, Tensor]:
@@ -333,17 +333,18 @@ class GaussianDiffusion:
 
         Args:
             x_t: [B, C, ...]; t: LongTensor [B] of indices into this chain.
-            variance: ``"fixed_small"`` | ``"fixed_large"`` | ``"learned_range"``.
-            prediction: what the model predicts, ``"eps"`` | ``"x0"`` | ``"v"``.
+            variance: ``"fixed_small"`` | ``"fixed_large"`` | ``"learned_range"``; None reads
+                ``model.variance`` (``predictions.resolve_variance``), else fixed_small.
+            prediction: what the model predicts, ``"eps"`` | ``"x0"`` | ``"v"``; None reads
+                ``model.prediction``, else eps.
             clip_denoised: clamp x0_hat to [-1, 1] and re-derive eps_hat from it (pitfall 3).
 
-        Returns a dict with ``mean``, ``variance``, ``log_variance`` (all shaped like x_t),
-        ``pred_x0``, ``pred_eps`` and the raw ``model_output``.
+        Returns a dict with ``mean``, ``variance``, ``log_variance`` (all shaped like x_t, float32
+        or better), ``pred_x0``, ``pred_eps`` and the raw ``model_output``.
         """
-        _check_choice("variance", variance, VARIANCES)
-        _check_choice("prediction", prediction, PREDICTIONS)
+        variance, prediction = resolve_variance(model, variance), resolve_prediction(model, prediction)
+        self.check_t(t, x_t)
         if model_t is None:
-            extract(self.betas, t, x_t)  # validates t before it indexes anything
             model_t = self.timesteps.to(x_t.device)[t.to(x_t.device)]
         model_output = model(x_t, model_t, **(model_kwargs or {}))
         return self.p_mean_variance_from_output(

@@ -7,11 +7,12 @@ view (book chapter 10, "Bayes on scores"): since
 :math:`\varepsilon = -\sqrt{1-\bar\alpha_t}\,\nabla_{x_t}\log p_t(x_t)`, adding a term
 :math:`\nabla_{x_t}\log r(x_t)` to the score subtracts :math:`\sqrt{1-\bar\alpha_t}\nabla_{x_t}\log r(x_t)`
 from eps. :math:`\bar\alpha_t` is looked up by ORIGINAL timestep in the diffusion the wrapper
-was given (``samplers.alpha_bar_at``), so a wrapper built on the full T-step chain works
+was given (``diffusion.alpha_bar_at``), so a wrapper built on the full T-step chain works
 unchanged inside respaced and DDIM samplers.
 
 A learned-variance model (output with 2C channels) keeps its variance channels: the
-guidance acts on the eps half (``samplers.split_eps``), as in GLIDE.
+guidance acts on the prediction half (``predictions.split_output``), as in GLIDE. A model that
+predicts x0 or v (``model.prediction``) is read through ``ddpm_lib.predictions``.
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from ddpm_lib.samplers import alpha_bar_at, split_eps
+from ddpm_lib.diffusion import alpha_bar_at
+from ddpm_lib.predictions import eps_x0_from_prediction, resolve_prediction, split_output
 
 __all__ = ["classifier_free", "classifier_guidance", "loss_guidance"]
 
@@ -33,14 +35,31 @@ def _labels(y, x_t: Tensor) -> Tensor:
     return torch.as_tensor(y, dtype=torch.long, device=x_t.device).reshape(-1).expand(x_t.shape[0])
 
 
-def _alpha_bar(diffusion, t: Tensor, x_t: Tensor) -> Tensor:
-    # abar_t at ORIGINAL timesteps, float64 on x's device, shaped [B, 1, ...]; cast at use
-    return alpha_bar_at(diffusion, t).to(x_t.device).reshape(-1, *([1] * (x_t.ndim - 1)))
+def _scales(diffusion, t: Tensor, x_t: Tensor) -> tuple[Tensor, Tensor]:
+    # (sqrt(abar_t), sqrt(1 - abar_t)) at ORIGINAL timesteps, shaped [B, 1, ...], float32 or better
+    a = alpha_bar_at(diffusion, t).to(x_t.device).reshape(-1, *([1] * (x_t.ndim - 1)))
+    dtype = torch.promote_types(x_t.dtype, torch.float32)
+    return a.sqrt().to(dtype), (1 - a).sqrt().to(dtype)
 
 
-def _with_rest(eps: Tensor, rest: Tensor | None) -> Tensor:
-    return eps if rest is None else torch.cat([eps, rest], dim=1)
+def _eps_x0(model, out: Tensor, x_t: Tensor, diffusion, t: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
+    """(eps, x0, variance channels or None) of a raw model output, whatever the model predicts."""
+    pred, rest = split_output(out, x_t)
+    sqrt_ab, sqrt_1m_ab = _scales(diffusion, t, x_t)
+    eps, x0 = eps_x0_from_prediction(pred.to(sqrt_ab.dtype), x_t.to(sqrt_ab.dtype), sqrt_ab, sqrt_1m_ab,
+                                     resolve_prediction(model))
+    return eps, x0, rest
 
+
+def _with_rest(pred: Tensor, rest: Tensor | None) -> Tensor:
+    return pred if rest is None else torch.cat([pred, rest.to(pred.dtype)], dim=1)
+
+
+def _as_eps_model(guided, model):
+    """Mark a wrapper's output as eps (keeping a learned variance) for the samplers."""
+    guided.prediction = "eps"
+    guided.variance = getattr(model, "variance", "fixed_small")
+    return guided
 
 def classifier_free(model: Callable[..., Tensor], w: float, null_label: int | None = None) -> Callable[..., Tensor]:
     r"""Classifier-free guidance (Ho & Salimans 2022, arXiv 2207.12598, Eq. (6); book chapter 11):
@@ -58,6 +77,10 @@ def classifier_free(model: Callable[..., Tensor], w: float, null_label: int | No
     reserve ``num_classes``, the last row of their label embedding); a plain function or an
     unconditional model has none, and then it must be given. Both evaluations run as ONE
     forward pass on the concatenated batch [x; x].
+
+    The combination is made on the model's own prediction (eps, x0 or v): each is an affine
+    function of eps at the same x_t and t, so combining them is combining the eps
+    (``ddpm_lib.predictions``), and the wrapper predicts what the model predicts.
     """
     if null_label is None:
         null_label = getattr(model, "null_label", None)
@@ -71,15 +94,20 @@ def classifier_free(model: Callable[..., Tensor], w: float, null_label: int | No
         raise ValueError(f"null_label must be a non-negative integer label, got {null_label!r}")
     null_label = int(null_label)
 
-    def guided(x_t: Tensor, t: Tensor, y=None) -> Tensor:
+    def guided(x_t: Tensor, t: Tensor, y=None, **model_kwargs) -> Tensor:
         y = _labels(y, x_t)
         null = torch.full_like(y, null_label)
-        out = model(torch.cat([x_t, x_t]), torch.cat([t, t]), y=torch.cat([y, null]))
+        doubled = {k: torch.cat([v, v]) if isinstance(v, Tensor) and v.shape[:1] == x_t.shape[:1] else v
+                   for k, v in model_kwargs.items()}
+        out = model(torch.cat([x_t, x_t]), torch.cat([t, t]), y=torch.cat([y, null]), **doubled)
         cond, uncond = out.chunk(2)
-        eps_cond, rest = split_eps(cond, x_t)
-        eps_uncond, _ = split_eps(uncond, x_t)
-        return _with_rest(eps_cond + w * (eps_cond - eps_uncond), rest)
+        pred_cond, rest = split_output(cond, x_t)
+        pred_uncond, _ = split_output(uncond, x_t)
+        return _with_rest(pred_cond + w * (pred_cond - pred_uncond), rest)
 
+    guided.prediction = resolve_prediction(model)
+    guided.variance = getattr(model, "variance", "fixed_small")
+    guided.null_label = null_label
     return guided
 
 
@@ -111,17 +139,18 @@ def classifier_guidance(
     ``classifier(x_t, t) -> logits [B, K]`` is trained on noisy inputs; ``diffusion`` is the
     ORIGINAL chain (its :math:`\bar\alpha` is read at the original ``t``). The model is called
     without ``y`` unless ``pass_y_to_model`` (guiding a class-conditional model, as ADM also does).
+    The model may predict eps, x0 or v (``model.prediction``); the wrapper returns eps.
     """
 
-    def guided(x_t: Tensor, t: Tensor, y=None) -> Tensor:
+    def guided(x_t: Tensor, t: Tensor, y=None, **model_kwargs) -> Tensor:
         y = _labels(y, x_t)
-        out = model(x_t, t, y=y) if pass_y_to_model else model(x_t, t)
-        eps, rest = split_eps(out, x_t)
+        out = model(x_t, t, y=y, **model_kwargs) if pass_y_to_model else model(x_t, t, **model_kwargs)
+        eps, _, rest = _eps_x0(model, out, x_t, diffusion, t)
         grad = _grad_log_prob(classifier, x_t, t, y)
-        sqrt_one_minus = (1 - _alpha_bar(diffusion, t, x_t)).sqrt().to(x_t.dtype)
-        return _with_rest(eps - sqrt_one_minus * scale * grad, rest)
+        _, sqrt_one_minus = _scales(diffusion, t, x_t)
+        return _with_rest(eps - sqrt_one_minus * scale * grad.to(eps.dtype), rest)
 
-    return guided
+    return _as_eps_model(guided, model)
 
 
 def loss_guidance(
@@ -144,17 +173,18 @@ def loss_guidance(
     :math:`\log p(y \mid x_t)` replaced by :math:`-\mathcal L(\hat x_0(x_t))`). The gradient flows
     through the model's prediction. ``loss_fn(x0_hat) -> [B]`` (or a scalar; it is summed, so
     each sample gets the gradient of its own loss). ``y``, if given, is passed to the model.
+    The model may predict eps, x0 or v (``model.prediction``); the wrapper returns eps.
     """
 
-    def guided(x_t: Tensor, t: Tensor, y=None) -> Tensor:
-        alpha_bar = _alpha_bar(diffusion, t, x_t)
-        sqrt_one_minus, sqrt_alpha_bar = (1 - alpha_bar).sqrt().to(x_t.dtype), alpha_bar.sqrt().to(x_t.dtype)
+    def guided(x_t: Tensor, t: Tensor, y=None, **model_kwargs) -> Tensor:
+        _, sqrt_one_minus = _scales(diffusion, t, x_t)
+        if y is not None:
+            model_kwargs = {**model_kwargs, "y": y}
         with torch.enable_grad():
             x = x_t.detach().requires_grad_(True)
-            out = model(x, t) if y is None else model(x, t, y=y)
-            eps, rest = split_eps(out, x)
-            x0_hat = (x - sqrt_one_minus * eps) / sqrt_alpha_bar
+            eps, x0_hat, rest = _eps_x0(model, model(x, t, **model_kwargs), x, diffusion, t)
             (grad,) = torch.autograd.grad(loss_fn(x0_hat).sum(), x)
-        return _with_rest(eps.detach() + sqrt_one_minus * scale * grad.to(x_t.dtype), None if rest is None else rest.detach())
+        eps = eps.detach() + sqrt_one_minus * scale * grad.to(eps.dtype)
+        return _with_rest(eps, None if rest is None else rest.detach())
 
-    return guided
+    return _as_eps_model(guided, model)

@@ -18,7 +18,9 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
+from ddpm_lib.checks import check_finite
 from ddpm_lib.gaussian import discretized_gaussian_log_likelihood, normal_kl, standard_normal
+from ddpm_lib.predictions import PREDICTIONS, VARIANCES, check_choice
 
 if TYPE_CHECKING:
     from ddpm_lib.diffusion import GaussianDiffusion
@@ -35,14 +37,9 @@ def mean_flat(x: Tensor) -> Tensor:
     return x.reshape(x.shape[0], -1).mean(dim=1)
 
 
-def _check_finite(name: str, x: Tensor) -> None:
-    # Reading the result of the check on the host makes the host wait for the device (a sync).
-    if not torch.isfinite(x).all():
-        raise ValueError(f"{name} contains NaN or inf")
-
-
 def _check_data_range(x0: Tensor, tol: float = 1e-6) -> None:
-    # Pitfall 9: the discretised decoder assumes data on a grid in [-1, 1].
+    # Pitfall 9: the discretised decoder assumes data on a grid in [-1, 1]. One host read per
+    # evaluation (not per step), so it runs on every device.
     lo, hi = x0.min().item(), x0.max().item()
     if lo < -1 - tol or hi > 1 + tol:
         raise ValueError(f"data must lie in [-1, 1] (scale images by x / 127.5 - 1); got min {lo:.4g}, max {hi:.4g}")
@@ -101,17 +98,20 @@ def training_losses(
     num_levels: int = 256,
     model_kwargs: dict | None = None,
     generator: torch.Generator | None = None,
+    return_vb: bool = False,
 ) -> dict[str, Tensor]:
     r"""Per-example training losses at timesteps ``t`` (Ho et al. 2020, Algorithm 1 and Eq. (14);
     Nichol & Dhariwal 2021, arXiv 2102.09672, §3.1 and Eq. (16)).
 
     Draws x_t ~ q(x_t | x_0) with ``noise`` (or from ``generator``, on the generator's device and
-    moved to x0's; torch's global RNG if neither is given), calls
+    moved to x0's; one of the two is required: no hidden global RNG), calls
     ``model(x_t, diffusion.timesteps[t], **model_kwargs)`` and returns tensors [B]:
 
     * ``"mse"``: mean over dimensions of (target - prediction)^2, the target being the eps,
       x0 or v of the draw (DDPM eq. 14, L_simple, for eps).
-    * ``"vb"``: the bound's term L_t in nats per dimension (see :func:`vb_terms`).
+    * ``"vb"``: the bound's term L_t in nats per dimension (see :func:`vb_terms`); computed for
+      the ``"hybrid"`` and ``"vlb"`` losses, and for ``"simple"`` only if ``return_vb`` (without
+      gradient: a diagnostic that would otherwise cost a second pass of arithmetic every step).
     * ``"loss"``: ``"simple"`` -> mse; ``"vlb"`` -> vb alone, unscaled (its expectation over
       uniform t is L_vlb / T, so it is proportional to the bound);
       ``"hybrid"`` -> mse + vlb_weight * T * vb (improved DDPM eq. 16, L_simple + lambda L_vlb
@@ -121,29 +121,28 @@ def training_losses(
       carries no gradient at all and is only a diagnostic.
 
     A ``learned_range`` variance must be trained with ``"hybrid"`` or ``"vlb"``: L_simple
-    never sees the variance channels. For ``"simple"``, vb is computed without gradient.
-    """
-    from ddpm_lib.diffusion import PREDICTIONS, VARIANCES, _check_choice
+    never sees the variance channels.
 
-    _check_choice("loss", loss, LOSSES)
-    _check_choice("prediction", prediction, PREDICTIONS)
-    _check_choice("variance", variance, VARIANCES)
+    No value of a tensor is read on the host here (``ddpm_lib.checks``): on CUDA a training
+    step never waits for the GPU; on the CPU the inputs are checked for NaN/inf.
+    """
+    check_choice("loss", loss, LOSSES)
+    check_choice("prediction", prediction, PREDICTIONS)
+    check_choice("variance", variance, VARIANCES)
     if variance == "learned_range" and loss == "simple":
         raise ValueError(
             "learned_range variance needs loss='hybrid' or 'vlb': the simple loss never trains the variance"
         )
     if noise is None:
+        if generator is None:
+            raise ValueError("training_losses needs noise= or generator= (no hidden global RNG)")
         noise = standard_normal(x0.shape, generator, dtype=x0.dtype, device=x0.device)
     elif noise.shape != x0.shape:
         raise ValueError(f"shape mismatch: x0 {tuple(x0.shape)} vs noise {tuple(noise.shape)}")
-    # Inputs are checked for NaN/inf only on the CPU. On CUDA the check is a host sync: the Python
-    # `if` must wait for the GPU to finish every queued kernel, stalling the pipeline on EVERY
-    # training step. There a non-finite x0 or noise makes the loss non-finite, which the training
-    # loop checks, batched, whenever it logs (train._checked_losses); on the CPU the check costs
-    # one reduction and gives the clearer error at the source.
-    if x0.device.type == "cpu":
-        _check_finite("x0", x0)
-        _check_finite("noise", noise)
+    # On CUDA a non-finite x0 or noise makes the loss non-finite, which the training loop checks,
+    # batched, whenever it logs; on the CPU the check is free and gives the clearer error here.
+    check_finite("x0", x0)
+    check_finite("noise", noise)
 
     x_t = diffusion.q_sample(x0, t, noise)
     model_t = diffusion.timesteps.to(x0.device)[t.to(x0.device)]
@@ -165,9 +164,11 @@ def training_losses(
         vb = vb_of(frozen)
         total = mse + vlb_weight * diffusion.T * vb
     else:
+        total = mse
+        if not return_vb:
+            return {"loss": total, "mse": mse}
         with torch.no_grad():
             vb = vb_of(model_output.detach())
-        total = mse
     return {"loss": total, "mse": mse, "vb": vb}
 
 
@@ -216,7 +217,8 @@ def nll_bits_per_dim(
     """
     # One host sync per evaluation (not per training step) is cheap next to T model calls, so the
     # inputs are always checked here.
-    _check_finite("x0", x0)
+    if not bool(torch.isfinite(x0).all()):
+        raise ValueError("x0 contains NaN or inf")
     _check_data_range(x0)
     B, T = x0.shape[0], diffusion.T
     step = batch_t or 1
@@ -260,9 +262,7 @@ def eps_vlb_weight(diffusion: GaussianDiffusion, variance: str = "fixed_small") 
     stand-in variance (beta_tilde of index 1): the bound's term there is the decoder L_0, not a
     KL, so the value at index 0 is not a term of the bound. L_simple drops lambda_t.
     """
-    from ddpm_lib.diffusion import _check_choice
-
-    _check_choice("variance", variance, ("fixed_small", "fixed_large"))
+    check_choice("variance", variance, ("fixed_small", "fixed_large"))
     t = torch.arange(diffusion.T, device=diffusion.betas.device)
     # the betas serve as a float64 [T] tensor of the right shape for the coefficients read at t
     sigma2, _ = diffusion.model_variance(t, diffusion.betas, variance)

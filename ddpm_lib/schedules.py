@@ -14,6 +14,7 @@ import math
 import numbers
 from collections.abc import Callable, Sequence
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -24,6 +25,8 @@ __all__ = [
     "respace_betas",
     "rescale_zero_terminal_snr",
     "snr",
+    "sampling_timesteps",
+    "SPACINGS",
     "get_betas",
     "check_betas",
     "SCHEDULES",
@@ -255,3 +258,61 @@ def respace_betas(betas: Tensor, timesteps: Sequence[int] | Tensor) -> Tensor:
     alpha_bar = _alpha_bar(betas)[tau]
     alpha_bar_prev = torch.cat([alpha_bar.new_ones(1), alpha_bar[:-1]])
     return check_betas(1.0 - alpha_bar / alpha_bar_prev)
+
+
+# --- the grid of a sampler (chapters 7-9) -----------------------------------------------
+
+SPACINGS = ("leading", "trailing", "linspace")
+
+
+def sampling_timesteps(T: int, steps: int | None = None, *, spacing: str = "trailing",
+                       timesteps: Sequence[int] | Tensor | None = None) -> list[int]:
+    """The original timesteps a sampler visits, ascending (0-based; the sampler walks them from
+    the last to the first and then to x0). The same for every sampler: ``steps=N`` means this grid.
+
+    Named spacings (Lin et al. 2023, arXiv 2305.08891, §3.3 and Table 2; diffusers'
+    ``timestep_spacing``), for N = ``steps`` of T:
+
+    * ``"trailing"`` (default): round(T - i T / N) - 1 for i = 0..N-1. Starts at T - 1, where
+      x_T is nearly pure noise, and keeps the uniform stride T / N below it.
+    * ``"linspace"``: round(linspace(0, T - 1, N)). Starts at T - 1 and ends at 0.
+    * ``"leading"``: i (T // N) for i = 0..N-1, the grid of DDIM's reference code (Song et al.
+      2020, Appendix D.2). It never visits T - 1 unless N = T (DESIGN.md pitfall 1): on the
+      cosine schedule with N = 5 the first step is t = 800, where sqrt(alpha_bar) = 0.31.
+
+    Rounding is half to even, as NumPy's (and diffusers'). Worked examples, T = 1000, N = 3:
+    trailing ``[332, 666, 999]``, linspace ``[0, 500, 999]``, leading ``[0, 333, 666]``;
+    T = 10, N = 3: trailing ``[2, 6, 9]``, linspace ``[0, 4, 9]``, leading ``[0, 3, 6]``.
+
+    ``timesteps``: an explicit list instead (distinct integers in [0, T), any order); ``steps``
+    and ``spacing`` are then ignored, except that ``steps`` must be None or their count.
+    ``steps=None`` without ``timesteps`` is all T steps.
+    """
+    T = _check_T(T)
+    if timesteps is not None:
+        values = torch.as_tensor(timesteps).reshape(-1)
+        if values.is_floating_point() or values.dtype == torch.bool or values.numel() == 0:
+            raise ValueError(f"timesteps must be a non-empty list of integers, got {timesteps!r}")
+        kept = sorted(int(v) for v in values.tolist())
+        if kept[0] < 0 or kept[-1] >= T or len(set(kept)) != len(kept):
+            raise ValueError(f"timesteps must be distinct integers in [0, {T}), got {kept}")
+        if steps is not None and steps != len(kept):
+            raise ValueError(f"steps={steps} but {len(kept)} timesteps were given; pass one of the two")
+        return kept
+    if spacing not in SPACINGS:
+        raise ValueError(f"unknown spacing {spacing!r}; allowed: {list(SPACINGS)} or an explicit timesteps= list")
+    if steps is None:
+        return list(range(T))
+    if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or not 1 <= steps <= T:
+        raise ValueError(f"steps must be an integer between 1 and T = {T}, got {steps!r}")
+    N = int(steps)
+    if spacing == "leading":
+        grid = np.arange(N) * (T // N)
+    elif spacing == "trailing":
+        # diffusers writes np.arange(T, 0, -T / N); float error can lengthen that to N + 1 steps, so
+        # take its first N values as NumPy computes them (stride = the first two values' difference)
+        stride = (T - T / N) - T
+        grid = np.round(T + np.arange(N) * stride).astype(np.int64) - 1
+    else:
+        grid = np.linspace(0, T - 1, N).round().astype(np.int64)
+    return sorted(int(v) for v in grid)

@@ -213,5 +213,5 @@ def test_dtype_device_and_timestep_lookup(mixture, linear_alphas_cumprod):
     # [B, 1, 2] inputs are flattened to D = 2 and come back in their own shape
     assert mixture.eps_model(linear_alphas_cumprod)(x[:, None], t).shape == (3, 1, 2)
     assert torch.equal(alpha_bar_at(linear_alphas_cumprod, t), linear_alphas_cumprod[:3])
-    with pytest.raises(ValueError, match="timesteps"):
+    with pytest.raises(ValueError, match="timestep"):
         alpha_bar_at(linear_alphas_cumprod, torch.tensor([1000]))

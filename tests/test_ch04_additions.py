@@ -23,7 +23,7 @@ def test_vb_term_is_weight_times_eps_mse(betas, variance):
     x0 = torch.rand(len(t), 3, 4, generator=g, dtype=f64) * 2 - 1
     noise = torch.randn(x0.shape, generator=g, dtype=f64)
     output = torch.randn(x0.shape, generator=g, dtype=f64)
-    out = d.training_losses(lambda x, s: output, x0, t, noise, variance=variance)
+    out = d.training_losses(lambda x, s: output, x0, t, noise, variance=variance, return_vb=True)
     weight = eps_vlb_weight(d, variance)
     assert weight.dtype == f64 and weight.shape == (T,)
     # fixed_small: the two variances are equal and the KL is the weighted squared error alone;

@@ -157,7 +157,7 @@ def test_garbage_safetensors_with_a_matching_manifest(trained, tmp_path):
     garbage = path / "state.safetensors"
     garbage.write_bytes(b"\x80\x04not a safetensors file")
     config = json.loads((path / "config.json").read_text())
-    config["files"]["state.safetensors"] = {"bytes": garbage.stat().st_size, "sha256": ckpt_mod._sha256(garbage)}
+    config["files"]["state.safetensors"] = {"bytes": garbage.stat().st_size, "sha256": ckpt_mod.sha256_file(garbage)}
     (path / "config.json").write_text(json.dumps(config))
     err = raised(path)
     assert "state.safetensors" in err.problem and "not a valid safetensors file" in err.problem
@@ -205,3 +205,20 @@ def test_resuming_with_another_model_config_is_refused(trained, tmp_path):
     result = train({**MODEL, "hidden_dim": 32}, DiffusionConfig(T=20), TrainConfig(steps=1, batch_size=8), x,
                    out_dir=out, resume=False, progress=False)
     assert result.step == 1 and load_checkpoint(out).model_config["hidden_dim"] == 32
+
+
+def test_load_model_returns_a_model_ready_to_sample(tmp_path):
+    """A v-prediction denoiser comes back knowing its prediction and variance, and its chain is
+    on the requested device (the meta device: no data, only the placement)."""
+    train(MODEL, DiffusionConfig(T=20, prediction="v"), TrainConfig(steps=1, batch_size=8, checkpoint_every=0),
+          torch.linspace(-1, 1, 32).reshape(16, 2), out_dir=tmp_path, progress=False)
+    model, diffusion = load_model(tmp_path)
+    assert (model.prediction, model.variance) == ("v", "fixed_small") and not model.training
+    model, diffusion = load_model(tmp_path, device="meta")
+    assert next(model.parameters()).device.type == "meta" and diffusion.betas.device.type == "meta"
+
+
+def test_one_sha256_helper():
+    from ddpm_lib import pretrained
+
+    assert pretrained.sha256_file is ckpt_mod.sha256_file and not hasattr(pretrained, "_sha256")

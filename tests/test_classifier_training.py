@@ -11,6 +11,7 @@ from ddpm_lib.checkpoint import load_model
 from ddpm_lib.classifier_training import noisy_accuracy, train_classifier
 from ddpm_lib.configs import DiffusionConfig, TrainConfig
 from ddpm_lib.data import load_digits_dataset
+from ddpm_lib.diffusion import GaussianDiffusion
 from ddpm_lib.metrics import classifier_accuracy
 from ddpm_lib.models import FeatureClassifier, NoisyClassifier
 
@@ -72,3 +73,36 @@ def test_refuses_denoisers_and_unlabelled_data(digits, tmp_path):
         train_classifier({"kind": "mlp"}, cfg, (x.flatten(1)[:, :2], y), out_dir=tmp_path, progress=False)
     with pytest.raises(ValueError, match="labelled"):
         train_classifier(SMALL_FC, cfg, x, out_dir=tmp_path, progress=False)
+
+
+def test_callers_rng_untouched_and_noise_explicit(digits, tmp_path, monkeypatch):
+    """A fresh and a resumed run leave ``torch.get_rng_state()`` as it was, and q(x_t | x_0) always
+    gets its noise from the loop's generator."""
+    (x, y), _ = digits
+    explicit, q_sample = [], GaussianDiffusion.q_sample
+
+    def checked(self, x0, t, noise=None, **kwargs):
+        explicit.append(noise is not None)
+        return q_sample(self, x0, t, noise=noise, **kwargs)
+
+    monkeypatch.setattr(GaussianDiffusion, "q_sample", checked)
+    cfg = TrainConfig(steps=2, batch_size=8, log_every=1, checkpoint_every=0, seed=1)
+    torch.manual_seed(1234)
+    before = torch.get_rng_state()
+    train_classifier(SMALL_NC, cfg, (x[:64], y[:64]), out_dir=tmp_path, progress=False)
+    assert torch.equal(torch.get_rng_state(), before), "a fresh run changed the caller's RNG"
+    train_classifier(SMALL_NC, cfg.replace(steps=3), (x[:64], y[:64]), out_dir=tmp_path, progress=False)
+    assert torch.equal(torch.get_rng_state(), before), "a resumed run changed the caller's RNG"
+    assert explicit and all(explicit)
+
+
+def test_one_loop_for_denoisers_and_classifiers():
+    """Both trainers are thin users of ``ddpm_lib.loop.TrainLoop``; none borrows the other's privates."""
+    import inspect
+
+    from ddpm_lib import classifier_training, train
+    from ddpm_lib.loop import TrainLoop
+
+    assert issubclass(classifier_training.ClassifierLoop, TrainLoop) and issubclass(train.DenoiserLoop, TrainLoop)
+    assert "ddpm_lib.train import" not in inspect.getsource(classifier_training)
+    assert len(inspect.getsource(train).splitlines()) < 400

@@ -15,9 +15,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 import ddpm_lib
-from ddpm_lib.cli import main
+from ddpm_lib import samplers
+from ddpm_lib.cli import build_parser, main
 from ddpm_lib.models import ddpm_cifar10
 from ddpm_lib.presets import apply_overrides, load_run_config, preset_names
 
@@ -197,6 +199,8 @@ IGNORED_OPTIONS = {
                                 "--sampler, --steps do(es) not apply to a noisy_classifier"),
     "eval classifier w": (["eval", "--checkpoint", "digits_features", "--w", "1"], "--w do(es) not apply"),
     "eval feature classifier seed": (["eval", "--checkpoint", "digits_features", "--seed", "3"], "--seed"),
+    "eval classifier spacing": (["eval", "--checkpoint", "digits_features", "--spacing", "leading"],
+                                "--spacing do(es) not apply"),
 }
 
 
@@ -209,6 +213,42 @@ def test_options_that_would_be_ignored_are_errors(case, capsys, tmp_path, monkey
     assert code == 2 and len(lines) == 1 and lines[0].startswith("ddpm: error: "), (code, err)
     assert text in lines[0], lines[0]
     assert out == ""  # refused before any work
+
+
+@pytest.mark.parametrize("cuda", [True, False])
+def test_sample_and_eval_default_to_cuda_when_available(cuda, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    for command in ("sample", "eval"):
+        args = build_parser().parse_args([command, "--checkpoint", "swissroll"])
+        assert args.device == ("cuda" if cuda else "cpu"), command
+        assert build_parser().parse_args([command, "--checkpoint", "swissroll", "--device", "cpu"]).device == "cpu"
+
+
+@pytest.mark.parametrize("prediction", ["v", "x0"])
+def test_v_and_x0_checkpoints_sample_with_every_sampler(prediction, tmp_path, capsys, monkeypatch):
+    run = tmp_path / prediction
+    code, _, err = run_main(capsys, "train", "--config", "swissroll", "--dry-run", "--out", str(run),
+                            "--set", f"diffusion.prediction={prediction}", "train.sample_every=0")
+    assert code == 0, err
+    spacings = []
+    original = samplers.ddim_sample
+
+    def ddim_spy(*args, **kw):  # the real sampler, its options recorded
+        spacings.append((kw["spacing"], kw["prediction"]))
+        return original(*args, **kw)
+
+    monkeypatch.setattr(samplers, "ddim_sample", ddim_spy)
+    for sampler in ("ddim", "dpm++", "ddpm"):
+        png = tmp_path / f"{sampler}.png"
+        code, _, err = run_main(capsys, "sample", "--checkpoint", str(run), "--n", "16", "--sampler", sampler,
+                                "--steps", "4", "--spacing", "leading", "--device", "cpu", "--out", str(png))
+        assert code == 0, f"{sampler}: {err}"
+        x = np.load(png.with_suffix(".npz"))["samples"]
+        assert x.shape == (16, 2) and np.isfinite(x).all(), sampler
+    assert spacings == [("leading", prediction)]
+    code, out, err = run_main(capsys, "eval", "--checkpoint", str(run), "--n", "50", "--sampler", "dpm++",
+                              "--steps", "4", "--metrics", "sw", "--device", "cpu")
+    assert code == 0 and "sliced_wasserstein" in out and "4 trailing steps" in out, err
 
 
 def _image_folder(root: Path, n: int = 12) -> Path:

@@ -10,6 +10,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from ddpm_lib.checks import check_timesteps
 from ddpm_lib.diffusion import GaussianDiffusion, extract
 from ddpm_lib.schedules import linear_betas, rescale_zero_terminal_snr, space_timesteps
 
@@ -83,20 +84,32 @@ def test_to_returns_a_copy_and_from_name():
 # --- extract -----------------------------------------------------------------------------
 
 
-def test_extract_shape_dtype_and_errors():
+def test_extract_shape_and_dtype():
     a = torch.arange(5, dtype=f64)
     x = torch.zeros(3, 2, 4, 4)
     out = extract(a, torch.tensor([4, 0, 2]), x)
     assert out.shape == (3, 1, 1, 1) and out.dtype == torch.float32
     assert out.flatten().tolist() == [4.0, 0.0, 2.0]
+    # coefficients are never applied in a half type: bf16 would round 0.99995 to 1.0 (pitfall 6)
+    near_one = torch.tensor([0.99995], dtype=f64)
+    assert extract(near_one, torch.tensor([0]), torch.zeros(1, 2, dtype=torch.bfloat16)).dtype == torch.float32
+    assert extract(near_one, torch.tensor([0]), torch.zeros(1, 2, dtype=torch.bfloat16)).item() < 1.0
+    assert extract(a, torch.tensor([1]), torch.zeros(1, 2, dtype=f64)).dtype == f64
+
+
+def test_check_timesteps_at_entry_points():
+    x = torch.zeros(3, 2, 4, 4)
     with pytest.raises(ValueError, match="out of range"):
-        extract(a, torch.tensor([0, 5, 1]), x)
+        check_timesteps(torch.tensor([0, 5, 1]), 5, 3)
     with pytest.raises(ValueError, match="out of range"):
-        extract(a, torch.tensor([0, -1, 1]), x)
+        check_timesteps(torch.tensor([0, -1, 1]), 5, 3)
     with pytest.raises(ValueError, match="integer tensor"):
-        extract(a, torch.tensor([0.0, 1.0, 2.0]), x)
+        check_timesteps(torch.tensor([0.0, 1.0, 2.0]), 5, 3)
     with pytest.raises(ValueError, match=r"shape \[B\]"):
-        extract(a, torch.tensor([0, 1]), x)
+        check_timesteps(torch.tensor([0, 1]), 5, 3)
+    d = GaussianDiffusion(linear_betas(5))
+    with pytest.raises(ValueError, match="out of range"):
+        d.q_sample(x, torch.tensor([0, 5, 1]), torch.zeros_like(x))
 
 
 # --- q(x_t | x_0) -----------------------------------------------------------------------

@@ -78,6 +78,16 @@ def test_every_entry_loads(name):
         assert out[1].T == pretrained.run_config(name).diffusion.T
 
 
+def test_load_returns_the_model_ready_to_sample():
+    """A denoiser carries its prediction and variance, and its chain is on ``device`` too (the meta
+    device: placement only, no data)."""
+    model, diffusion = pretrained.load("digits", "meta")
+    run = pretrained.run_config("digits")
+    assert (model.prediction, model.variance) == (run.diffusion.prediction, run.diffusion.variance)
+    assert next(model.parameters()).device.type == "meta" and diffusion.betas.device.type == "meta"
+    assert pretrained.load("digits", "cpu")[1].betas.device.type == "cpu"
+
+
 def test_tampered_or_missing_file_is_named(tmp_path):
     copy = tmp_path / "pretrained"
     shutil.copytree(ROOT, copy, ignore=shutil.ignore_patterns("__pycache__", "*.py"))

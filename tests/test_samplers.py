@@ -29,15 +29,29 @@ from ddpm_lib.samplers import (
     ddim_invert,
     ddim_sample,
     ddim_step,
-    ddim_timesteps,
     ddpm_sample,
     dpm_solver_pp_sample,
     dpm_solver_timesteps,
     initial_noise,
-    model_eps,
-    predict_x0,
 )
-from ddpm_lib.schedules import space_timesteps
+from ddpm_lib.predictions import x0_from_eps
+from ddpm_lib.schedules import sampling_timesteps, space_timesteps
+
+
+def predict_x0(x, eps, alpha_bar):
+    return x0_from_eps(x, eps, math.sqrt(alpha_bar), math.sqrt(1 - alpha_bar))
+
+
+def leading(steps):
+    return sampling_timesteps(1000, steps, spacing="leading")
+
+
+def respaced_100():
+    return space_timesteps(1000, [100])
+
+
+def dpm_20(d):
+    return dpm_solver_timesteps(d.alphas_cumprod, 20)
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -115,15 +129,18 @@ SAMPLERS = {
                          {"prop": 0.0, "mean": 0.015, "cov": 0.11}),
     "ddpm_fixed_large": (lambda m, d, n, g, x: ddpm_sample(m, d, (n, 2), variance="fixed_large", generator=g, x_T=x),
                          {"prop": 0.0, "mean": 0.015, "cov": 0.04}),
-    "ddpm_respaced_100": (lambda m, d, n, g, x: ddpm_sample(m, d, (n, 2), steps=100, generator=g, x_T=x),
+    "ddpm_respaced_100": (lambda m, d, n, g, x: ddpm_sample(m, d, (n, 2), timesteps=respaced_100(), generator=g,
+                                                            x_T=x),
                           {"prop": 0.005, "mean": 0.05, "cov": 0.5}),
-    "ddim_50": (lambda m, d, n, g, x: ddim_sample(m, d, (n, 2), steps=50, generator=g, x_T=x),
+    "ddim_50": (lambda m, d, n, g, x: ddim_sample(m, d, (n, 2), steps=50, spacing="leading", generator=g, x_T=x),
                 {"prop": 0.005, "mean": 0.16, "cov": 0.42}),
     "ddim_1000": (lambda m, d, n, g, x: ddim_sample(m, d, (n, 2), steps=1000, generator=g, x_T=x),
                   {"prop": 0.0, "mean": 0.025, "cov": 0.05}),
-    "ddim_100_eta1": (lambda m, d, n, g, x: ddim_sample(m, d, (n, 2), steps=100, eta=1.0, generator=g, x_T=x),
+    "ddim_100_eta1": (lambda m, d, n, g, x: ddim_sample(m, d, (n, 2), steps=100, spacing="leading", eta=1.0,
+                                                        generator=g, x_T=x),
                       {"prop": 0.005, "mean": 0.05, "cov": 0.5}),
-    "dpm_solver_pp_20": (lambda m, d, n, g, x: dpm_solver_pp_sample(m, d, (n, 2), steps=20, generator=g, x_T=x),
+    "dpm_solver_pp_20": (lambda m, d, n, g, x: dpm_solver_pp_sample(m, d, (n, 2), timesteps=dpm_20(d), generator=g,
+                                                                    x_T=x),
                          {"prop": 0.005, "mean": 0.065, "cov": 0.24}),
 }
 
@@ -148,7 +165,8 @@ def test_mixture_check_rejects_broken_timesteps(mixture, diffusion):
     index_bug = lambda x, t, y=None: model(x, torch.searchsorted(kept, t))  # noqa: E731
     # (b) pitfall 1: a DDIM step that goes to t - 1 of the original chain, not the previous kept step
     for name, x in [
-        ("ddpm_respaced_100", ddpm_sample(index_bug, diffusion, (N_MIX, 2), steps=100, generator=gen(1), x_T=x_T)),
+        ("ddpm_respaced_100", ddpm_sample(index_bug, diffusion, (N_MIX, 2), timesteps=kept, generator=gen(1),
+                                          x_T=x_T)),
         ("ddim_50", ddim_to_t_minus_1(model, diffusion, x_T, steps=50)),
     ]:
         with pytest.raises(AssertionError):
@@ -159,7 +177,7 @@ def test_mixture_check_detects_a_small_mean_offset(mixture, diffusion):
     """The power of the mixture check itself (not a timestep bug): DPM-Solver++ 20 output shifted
     by 0.03 (0.12-0.4 of a component's std) fails, the unshifted output passes."""
     x_T = torch.randn(N_MIX, 2, generator=gen(0), dtype=torch.float64)
-    x = dpm_solver_pp_sample(mixture.eps_model(diffusion), diffusion, (N_MIX, 2), steps=20, x_T=x_T)
+    x = dpm_solver_pp_sample(mixture.eps_model(diffusion), diffusion, (N_MIX, 2), timesteps=dpm_20(diffusion), x_T=x_T)
     assert_reproduces_mixture(x, mixture, SAMPLERS["dpm_solver_pp_20"][1])
     with pytest.raises(AssertionError):
         assert_reproduces_mixture(x + 0.03, mixture, SAMPLERS["dpm_solver_pp_20"][1])
@@ -168,10 +186,10 @@ def test_mixture_check_detects_a_small_mean_offset(mixture, diffusion):
 def ddim_to_t_minus_1(model, diffusion, x, *, steps):
     """A BROKEN DDIM: from each kept t it steps to alpha_bar of t - 1 (the original chain's
     previous step) instead of the previous KEPT timestep (pitfall 1)."""
-    for t in reversed(ddim_timesteps(diffusion.T, steps)):
+    for t in reversed(leading(steps)):
         alpha_bar = float(diffusion.alphas_cumprod[t])
         alpha_bar_prev = float(diffusion.alphas_cumprod[t - 1]) if t > 0 else 1.0
-        eps = model_eps(model, diffusion, x, t)
+        eps = model(x, torch.full((x.shape[0],), t, dtype=torch.long))
         x = ddim_step(predict_x0(x, eps, alpha_bar), eps, alpha_bar_prev, 0.0, None)
     return x
 
@@ -304,8 +322,8 @@ IRREGULAR = space_timesteps(1000, [4, 8, 16])  # a respaced chain whose steps ar
 
 
 def dpm_grid(chain, steps):
-    """Original timesteps DPM-Solver++ visits on ``chain`` (T - 1 first)."""
-    return [int(chain.timesteps[i]) for i in dpm_solver_timesteps(chain.alphas_cumprod, steps)]
+    """Original timesteps DPM-Solver++ visits on ``chain`` with its log-SNR grid (T - 1 first)."""
+    return [int(chain.timesteps[i]) for i in dpm_solver_timesteps(chain.alphas_cumprod, steps)][::-1]
 
 
 GAUSS_CASES = {
@@ -314,17 +332,27 @@ GAUSS_CASES = {
                          "ddpm", lambda d: range(1000), {}),
     "ddpm_fixed_large": (lambda m, d, x, g: ddpm_sample(m, d, x.shape, variance="fixed_large", x_T=x, generator=g),
                          "ddpm", lambda d: range(1000), {"variance": "fixed_large"}),
-    "ddpm_respaced_100": (lambda m, d, x, g: ddpm_sample(m, d, x.shape, steps=100, x_T=x, generator=g),
-                          "ddpm", lambda d: space_timesteps(1000, [100]), {}),
-    "ddim_50": (lambda m, d, x, g: ddim_sample(m, d, x.shape, steps=50, x_T=x), "ddim", lambda d: range(0, 1000, 20), {}),
+    "ddpm_respaced_100": (lambda m, d, x, g: ddpm_sample(m, d, x.shape, timesteps=respaced_100(), x_T=x, generator=g),
+                          "ddpm", lambda d: respaced_100(), {}),
+    "ddpm_trailing_100": (lambda m, d, x, g: ddpm_sample(m, d, x.shape, steps=100, x_T=x, generator=g),
+                          "ddpm", lambda d: range(9, 1000, 10), {}),
+    "ddim_50": (lambda m, d, x, g: ddim_sample(m, d, x.shape, steps=50, spacing="leading", x_T=x), "ddim",
+                lambda d: range(0, 1000, 20), {}),
+    "ddim_50_trailing": (lambda m, d, x, g: ddim_sample(m, d, x.shape, steps=50, x_T=x), "ddim",
+                         lambda d: range(19, 1000, 20), {}),
+    "ddim_7_linspace": (lambda m, d, x, g: ddim_sample(m, d, x.shape, steps=7, spacing="linspace", x_T=x), "ddim",
+                        lambda d: [0, 166, 333, 500, 666, 832, 999], {}),
     "ddim_1000": (lambda m, d, x, g: ddim_sample(m, d, x.shape, steps=1000, x_T=x), "ddim", lambda d: range(1000), {}),
     "ddim_100_eta1": (lambda m, d, x, g: ddim_sample(m, d, x.shape, steps=100, eta=1.0, x_T=x, generator=g),
-                      "ddim", lambda d: range(0, 1000, 10), {"eta": 1.0}),
-    "dpm_solver_pp_20": (lambda m, d, x, g: dpm_solver_pp_sample(m, d, x.shape, steps=20, x_T=x),
+                      "ddim", lambda d: range(9, 1000, 10), {"eta": 1.0}),
+    "dpm_solver_pp_20": (lambda m, d, x, g: dpm_solver_pp_sample(m, d, x.shape, timesteps=dpm_20(d), x_T=x),
                          "dpm", lambda d: dpm_grid(d, 20), {}),
+    "dpm_solver_pp_20_trailing": (lambda m, d, x, g: dpm_solver_pp_sample(m, d, x.shape, steps=20, x_T=x),
+                                  "dpm", lambda d: range(999, 0, -50), {}),
     # grid 999, 910, 800, 689, 571, 381, 222, 111, 0: ratios h_{i-1} / h_i from 0.2 to 1.3 exercise the 2M coefficients
-    "dpm_solver_pp_irregular": (lambda m, d, x, g: dpm_solver_pp_sample(m, d.respace(IRREGULAR), x.shape, steps=12, x_T=x),
-                                "dpm", lambda d: dpm_grid(d.respace(IRREGULAR), 12), {}),
+    "dpm_solver_pp_irregular": (lambda m, d, x, g: dpm_solver_pp_sample(
+        m, d.respace(IRREGULAR), x.shape, timesteps=dpm_solver_timesteps(d.respace(IRREGULAR).alphas_cumprod, 12),
+        x_T=x), "dpm", lambda d: dpm_grid(d.respace(IRREGULAR), 12), {}),
 }
 
 
@@ -386,7 +414,7 @@ def test_gaussian_law_rejects_off_by_one_timesteps(name, sharp_model, diffusion)
 def test_gaussian_law_rejects_a_step_to_the_wrong_kept_timestep(gaussian_model, diffusion):
     """A DDIM-50 whose model is queried one KEPT step too early (t - 20) also fails."""
     x_T = start_noise("ddim_50", N_GAUSS)
-    x = ddim_sample(shifted(gaussian_model, -20), diffusion, x_T.shape, steps=50, x_T=x_T)
+    x = ddim_sample(shifted(gaussian_model, -20), diffusion, x_T.shape, steps=50, spacing="leading", x_T=x_T)
     with pytest.raises(AssertionError):
         assert_matches_law(x, x_T, predicted_law(diffusion.alphas_cumprod, "ddim", list(range(0, 1000, 20))))
 
@@ -402,7 +430,7 @@ def test_ddim_eta1_is_ddpm_on_the_same_grid(mixture, diffusion):
     model = mixture.eps_model(diffusion)
     x_T = torch.randn(1000, 2, generator=gen(4), dtype=torch.float64)
     a = ddim_sample(model, diffusion, x_T.shape, steps=100, eta=1.0, x_T=x_T, generator=gen(5))
-    b = ddpm_sample(model, diffusion.respace(ddim_timesteps(1000, 100)), x_T.shape, x_T=x_T, generator=gen(5))
+    b = ddpm_sample(model, diffusion.respace(sampling_timesteps(1000, 100)), x_T.shape, x_T=x_T, generator=gen(5))
     assert (a - b).abs().max() < 1e-10  # measured 2.4e-14
 
 
@@ -477,24 +505,25 @@ def recording(model, seen):
 def test_models_receive_original_timesteps(mixture, diffusion):
     model = mixture.eps_model(diffusion)
     for run, expected in [  # samplers walk their grid downwards, inversion upwards
-        (lambda m: ddpm_sample(m, diffusion, (4, 2), steps=10, generator=gen(0)), space_timesteps(1000, [10])[::-1]),
-        (lambda m: ddim_sample(m, diffusion, (4, 2), steps=10, generator=gen(0)), list(range(900, -1, -100))),
-        (lambda m: dpm_solver_pp_sample(m, diffusion, (4, 2), steps=5, generator=gen(0)), [999, 722, 302, 30, 0]),
-        (lambda m: ddim_invert(m, diffusion, torch.zeros(4, 2), steps=10), list(range(0, 1000, 100))),
+        (lambda m: ddpm_sample(m, diffusion, (4, 2), steps=10, generator=gen(0)), list(range(999, 0, -100))),
+        (lambda m: ddim_sample(m, diffusion, (4, 2), steps=10, generator=gen(0)), list(range(999, 0, -100))),
+        (lambda m: ddim_sample(m, diffusion, (4, 2), steps=10, spacing="leading"), list(range(900, -1, -100))),
+        (lambda m: dpm_solver_pp_sample(m, diffusion, (4, 2), steps=5, generator=gen(0)), [999, 799, 599, 399, 199]),
+        (lambda m: dpm_solver_pp_sample(m, diffusion, (4, 2), timesteps=dpm_solver_timesteps(
+            diffusion.alphas_cumprod, 5), generator=gen(0)), [999, 722, 302, 30, 0]),
+        (lambda m: ddim_invert(m, diffusion, torch.zeros(4, 2), steps=10), list(range(99, 1000, 100))),
     ]:
         seen = []
         run(recording(model, seen))
         assert seen == expected, seen
-    assert space_timesteps(1000, [10])[-1] == 999  # respaced DDPM starts at T - 1 ...
-    assert ddim_timesteps(1000, 10)[-1] == 900  # ... the "leading" DDIM grid does not (pitfall 1)
 
 
 def test_ddim_accepts_every_step_count(mixture, diffusion):
     """Every 1 <= steps <= T works, divisor of T or not: the model sees exactly ``steps`` timesteps
-    [0, s, ..., (steps - 1) s], s = T // steps, downwards when sampling, upwards when inverting."""
+    of the trailing grid round(T - i T / steps) - 1, downwards when sampling, upwards when inverting."""
     model = mixture.eps_model(diffusion)
     for steps in (1, 3, 7, 333, 999):
-        grid = [i * (1000 // steps) for i in range(steps)]
+        grid = sorted(round(1000 - i * 1000 / steps) - 1 for i in range(steps))
         seen = []
         ddim_sample(recording(model, seen), diffusion, (2, 2), steps=steps, generator=gen(0))
         assert seen == grid[::-1], (steps, seen[:5])
@@ -532,7 +561,7 @@ def test_samplers_hand_their_diffusion_to_initial_noise(monkeypatch, mixture, di
     function, gets x_T on the diffusion's device)."""
     seen = []
 
-    def spy(model, shape, x_T, generator, diffusion=None):
+    def spy(model, shape, x_T, generator, diffusion=None, dtype=None):
         seen.append(diffusion)
         raise _Stop
 
@@ -552,8 +581,8 @@ def test_ddim_last_step_goes_to_alpha_bar_one(mixture, diffusion):
     model = mixture.eps_model(diffusion)
     x, traj = ddim_sample(model, diffusion, (8, 2), steps=10, generator=gen(0), return_trajectory=True)
     assert len(traj) == 11 and torch.equal(traj[-1], x)
-    eps = model(traj[-2], torch.zeros(8, dtype=torch.long))
-    assert torch.allclose(x, predict_x0(traj[-2], eps, float(diffusion.alphas_cumprod[0])))
+    eps = model(traj[-2], torch.full((8,), 99, dtype=torch.long))  # the trailing grid's first kept step
+    assert torch.allclose(x, predict_x0(traj[-2], eps, float(diffusion.alphas_cumprod[99])))
     x, traj = ddpm_sample(model, diffusion, (8, 2), steps=7, generator=gen(0), return_trajectory=True)
     assert len(traj) == 8 and torch.equal(traj[-1], x)
 

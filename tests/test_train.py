@@ -103,6 +103,41 @@ def test_config_errors_name_the_field(cls, bad, needle):
         cls.from_dict(bad)
 
 
+def test_linear_schedule_end_points_are_configurable():
+    """beta_start / beta_end reach ``schedules.linear_betas``; other schedules refuse them; a
+    config dict written before they existed still loads (to the defaults 1e-4, 0.02)."""
+    from ddpm_lib.schedules import linear_betas
+
+    d = DiffusionConfig(T=10, beta_start=1e-3, beta_end=0.05)
+    assert torch.equal(d.build().betas, linear_betas(10, 1e-3, 0.05))
+    assert DiffusionConfig.from_json(d.to_json()) == d
+    assert torch.equal(DiffusionConfig(T=10, beta_end=0.05).build().betas, linear_betas(10, 1e-4, 0.05))
+    old = {k: v for k, v in DiffusionConfig(T=10).to_dict().items() if not k.startswith("beta_")}
+    assert torch.equal(DiffusionConfig.from_dict(old).build().betas, linear_betas(10))
+    with pytest.raises(ValueError, match=r"DiffusionConfig\.beta_end applies to the linear schedule only"):
+        DiffusionConfig(schedule="cosine", beta_end=0.02)
+    for bad, field in (({"beta_start": 0.0}, "beta_start"), ({"beta_end": "0.02"}, "beta_end"),
+                       ({"beta_start": 0.1, "beta_end": 0.01}, "beta_end")):
+        with pytest.raises(ValueError, match=rf"DiffusionConfig\.{field}"):
+            DiffusionConfig.from_dict(bad)
+
+
+def test_one_config_base_for_run_and_model_configs():
+    """DiffusionConfig, TrainConfig and the model configs share one base: the same type checks,
+    the same messages, the same JSON round trip."""
+    from ddpm_lib.models import MLPConfig, UNetConfig
+    from ddpm_lib.models.config import JSONConfig
+
+    assert all(issubclass(c, JSONConfig) for c in (DiffusionConfig, TrainConfig, MLPConfig, UNetConfig, ProbeConfig))
+    with pytest.raises(ValueError, match=r"^TrainConfig\.steps must be int, got '10'$"):
+        TrainConfig(steps="10")
+    with pytest.raises(ValueError, match=r"^MLPConfig\.hidden_dim must be int, got '10'$"):
+        MLPConfig(hidden_dim="10")
+    with pytest.raises(ValueError, match=r"^MLPConfig\.dropout must be in \[0, 1\), got 1\.5$"):
+        MLPConfig(dropout=1.5)
+    assert MLPConfig.from_json(MLPConfig(dropout=0).to_json()) == MLPConfig()
+
+
 # --- learning rate and EMA -------------------------------------------------------------------
 
 
@@ -263,6 +298,53 @@ def test_resume_after_kill_9_is_bit_exact(tmp_path):
     assert strip(tmp_path / "victim") == strip(tmp_path / "ref")
 
 
+# --- the caller's RNG ------------------------------------------------------------------------
+
+
+def test_training_leaves_the_callers_global_rng_untouched(tmp_path, monkeypatch):
+    """Initialisation and dropout (TINY_COND has dropout) use a forked global RNG seeded by
+    cfg.seed: a fresh and a resumed run leave ``torch.get_rng_state()`` as it was, the run does
+    not depend on the caller's state, and the loss always gets its noise explicitly."""
+    from ddpm_lib.diffusion import GaussianDiffusion
+
+    explicit, losses = [], GaussianDiffusion.training_losses
+
+    def training_losses(self, model, x0, t, noise=None, **kwargs):
+        explicit.append(noise is not None)
+        return losses(self, model, x0, t, noise=noise, **kwargs)
+
+    monkeypatch.setattr(GaussianDiffusion, "training_losses", training_losses)
+    x, y = moons()
+    for caller_seed, name in ((1234, "a"), (999, "b")):
+        torch.manual_seed(caller_seed)
+        before = torch.get_rng_state()
+        train(TINY_COND, DIFF, cfg(steps=3), (x, y), out_dir=tmp_path / name, progress=False)
+        assert torch.equal(torch.get_rng_state(), before), "a fresh run changed the caller's RNG"
+    assert_checkpoints_equal(tmp_path / "a" / "checkpoint", tmp_path / "b" / "checkpoint")
+    before = torch.get_rng_state()
+    assert train(TINY_COND, DIFF, cfg(steps=6), (x, y), out_dir=tmp_path / "a", progress=False).step == 6
+    assert torch.equal(torch.get_rng_state(), before), "a resumed run changed the caller's RNG"
+    assert explicit and all(explicit)
+
+
+def test_a_loop_of_ones_own_needs_only_its_loss(tmp_path):
+    """``TrainLoop`` subclassed with nothing but ``compute_loss``: steps, log, checkpoint, resume."""
+    from ddpm_lib.loop import TrainLoop
+
+    class ZeroOutput(TrainLoop):
+        def compute_loss(self, x0, y):
+            t, _ = self.timesteps_and_noise(x0)
+            return ((self.net(x0, t) - x0) ** 2).mean()  # a denoiser-shaped autoencoder
+
+    c = cfg(steps=4, label_dropout=0.0, checkpoint_every=2)
+    ZeroOutput(TINY, DIFF, c.replace(steps=2), moons()[0], out_dir=tmp_path / "r", progress=False).run()
+    resumed = ZeroOutput(TINY, DIFF, c, moons()[0], out_dir=tmp_path / "r", progress=False).run()
+    ZeroOutput(TINY, DIFF, c, moons()[0], out_dir=tmp_path / "s", progress=False).run()
+    log = (tmp_path / "r" / "log.jsonl").read_text().splitlines()
+    assert resumed.step == 4 and [json.loads(line)["step"] for line in log] == [2, 4]
+    assert_checkpoints_equal(tmp_path / "r" / "checkpoint", tmp_path / "s" / "checkpoint")
+
+
 # --- divergence ------------------------------------------------------------------------------
 
 
@@ -395,6 +477,24 @@ def test_sample_grids_are_ddim_from_one_fixed_noise_and_change_no_training_numbe
     x_T = torch.randn(40, 2, generator=torch.Generator().manual_seed(c.seed))
     torch.testing.assert_close(samples, ddim_sample(result.ema, result.diffusion, (40, 2), steps=5, eta=0.0, x_T=x_T))
     assert labels is None and torch.equal(samples, draw_samples(result.ema, result.diffusion, DIFF, c, (2,), None)[0])
+
+
+@pytest.mark.parametrize("prediction, variance, loss", [("x0", "fixed_small", "simple"), ("v", "fixed_small", "simple"),
+                                                       ("v", "learned_range", "hybrid")])
+def test_sample_grids_use_ddim_with_the_models_prediction(tmp_path, prediction, variance, loss):
+    """DDIM for every prediction (learned_range models: their prediction half), and the trained
+    model and EMA carry the prediction, so a sampler needs not be told."""
+    from ddpm_lib.samplers import ddim_sample
+
+    dcfg = DiffusionConfig(T=50, prediction=prediction, variance=variance, loss=loss)
+    model = {**TINY, "learn_sigma": variance == "learned_range"}
+    c = cfg(steps=2, sample_every=2, num_samples=8, sample_steps=5, label_dropout=0.0, checkpoint_every=0)
+    result = train(model, dcfg, c, moons()[0], out_dir=tmp_path, progress=False)
+    assert (result.ema.prediction, result.ema.variance) == (result.model.prediction, variance) == (prediction, variance)
+    samples, _ = draw_samples(result.ema, result.diffusion, dcfg, c, (2,), None)
+    x_T = torch.randn(8, 2, generator=torch.Generator().manual_seed(c.seed))
+    torch.testing.assert_close(samples, ddim_sample(result.ema, result.diffusion, (8, 2), steps=5, eta=0.0,
+                                                    prediction=prediction, x_T=x_T))
 
 
 def test_points_metrics_separate_data_from_noise():

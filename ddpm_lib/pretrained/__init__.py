@@ -17,7 +17,6 @@ takes these names wherever it takes a checkpoint directory.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from importlib import resources
@@ -27,7 +26,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from ddpm_lib.checkpoint import CheckpointError, load_checkpoint, load_state_dict
+from ddpm_lib.checkpoint import CheckpointError, load_checkpoint, load_state_dict, ready_to_sample, sha256_file
 from ddpm_lib.models import model_from_config
 from ddpm_lib.presets import CLASSIFIERS, RunConfig
 
@@ -42,10 +41,6 @@ class PretrainedError(CheckpointError):
 
 def _root(root: str | os.PathLike | None) -> Path:
     return Path(root) if root is not None else Path(str(resources.files(__name__)))
-
-
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def manifest(*, root: str | os.PathLike | None = None) -> dict[str, Any]:
@@ -71,7 +66,7 @@ def _verified(name: str, root) -> Path:
         path = folder / file
         if not path.is_file():
             raise PretrainedError(f"{path}: missing (the package data is incomplete)")
-        if _sha256(path) != expected["sha256"]:
+        if sha256_file(path) != expected["sha256"]:
             raise PretrainedError(f"{path}: SHA-256 differs from manifest.json's (corrupt or modified file)")
     return folder
 
@@ -85,16 +80,18 @@ def run_config(name: str, *, root: str | os.PathLike | None = None) -> RunConfig
 def load(name: str, device: str | torch.device = "cpu", *, root: str | os.PathLike | None = None):
     """A pretrained model in eval mode on ``device``, after verifying its files' SHA-256.
 
-    Returns ``(model, diffusion)`` for a denoiser, the classifier alone for the classifiers
-    (``digits_features``, ``shapes_features``, ``digits_noisy_classifier``; guide with the
-    denoiser's chain). ``root`` is a folder laid out like this package (for tests).
+    Returns ``(model, diffusion)`` for a denoiser, ready to sample: the chain on ``device`` and
+    the model carrying its ``prediction`` and ``variance`` (``checkpoint.ready_to_sample``); the
+    classifier alone for the classifiers (``digits_features``, ``shapes_features``,
+    ``digits_noisy_classifier``; guide with the denoiser's chain). ``root`` is a folder laid out
+    like this package (for tests).
     """
     run = run_config(name, root=root)
     folder = _root(root) / name
     model = model_from_config(run.model)
     load_state_dict(model, load_file(str(folder / "model.safetensors")), folder / "model.safetensors")
-    model = model.to(device).eval()
-    return model if run.kind in CLASSIFIERS else (model, run.diffusion.build())
+    model, diffusion = ready_to_sample(model, run.kind, run.diffusion, device)
+    return model if run.kind in CLASSIFIERS else (model, diffusion)
 
 
 def export(run_dir: str | os.PathLike, name: str, *, eval_json: str | os.PathLike | None = None,
@@ -112,7 +109,7 @@ def export(run_dir: str | os.PathLike, name: str, *, eval_json: str | os.PathLik
         "name": name, "kind": info["config"]["model"]["kind"], "config": info["preset"], "command": info["command"],
         "seed": info["config"]["train"]["seed"], "steps": ck.step, "wall_time_s": round(info["wall_time_s"], 1),
         "trained_on": info.get("machine", ""), "metrics": {}, "eval_command": None,
-        "files": {f: {"bytes": (folder / f).stat().st_size, "sha256": _sha256(folder / f)} for f in FILES},
+        "files": {f: {"bytes": (folder / f).stat().st_size, "sha256": sha256_file(folder / f)} for f in FILES},
     }
     if eval_json is not None:
         ev = json.loads(Path(eval_json).read_text())
