@@ -32,7 +32,7 @@ Modules are named by concept and meant to be read beside the chapters:
 ``cli``                   ``python -m ddpm_lib train|sample|eval`` (the ``ddpm`` command)
 ``book``                  switches shared by the notebooks (quick mode, device, one thread)
 ``symbolic``              SymPy helpers of the derivations (normal densities, log ratios, display)
-``bench``                 ``python -m ddpm_lib.bench``: training images/s and peak memory
+``bench``                 ``python -m ddpm_lib.bench``: training images/s and peak memory; ``--compare diffusers``
 ========================  ==================================================================
 
 The names a reader uses most are importable from the package itself::
@@ -54,7 +54,7 @@ from ddpm_lib.diffusion import GaussianDiffusion
 from ddpm_lib.guidance import classifier_free, classifier_guidance, loss_guidance
 from ddpm_lib.models import MLPConfig, MLPDenoiser, UNet, UNetConfig, model_from_config
 from ddpm_lib.predictions import set_parameterization
-from ddpm_lib.samplers import StepInfo, ddim_invert, ddim_sample, ddpm_sample, dpm_solver_pp_sample
+from ddpm_lib.samplers import StepInfo, ddim_invert, ddim_sample, ddpm_sample, dpm_solver_pp_sample, heun_sample
 from ddpm_lib.schedules import cosine_betas, get_betas, linear_betas, rescale_zero_terminal_snr, sampling_timesteps
 
 
@@ -67,7 +67,7 @@ def seeded(seed: int, device: str | _torch.device = "cpu") -> _torch.Generator:
 __all__ = [
     "GaussianDiffusion", "DiffusionConfig", "TrainConfig", "GaussianMixture",
     "linear_betas", "cosine_betas", "get_betas", "rescale_zero_terminal_snr", "sampling_timesteps",
-    "ddpm_sample", "ddim_sample", "ddim_invert", "dpm_solver_pp_sample", "StepInfo",
+    "ddpm_sample", "ddim_sample", "ddim_invert", "dpm_solver_pp_sample", "heun_sample", "StepInfo",
     "classifier_free", "classifier_guidance", "loss_guidance",
     "UNet", "UNetConfig", "MLPDenoiser", "MLPConfig", "model_from_config", "set_parameterization",
     "pretrained", "seeded",

@@ -18,7 +18,11 @@ process's peak resident set size (all of it: Python, torch, data) on the CPU.
 
 ``--compare diffusers`` (needs ``pip install ddpm_lib[interop]``) times, instead, three pairs of
 the same work, each pair INTERLEAVED (A, B, B, A, A, B, ...: slow drifts of a shared machine hit
-both alike) and reported as medians over ``--repeats`` timed blocks of ``--steps`` steps:
+both alike): times are medians over ``--repeats`` timed blocks of ``--steps`` steps, and ratios
+the median of the per-repetition ratios of back-to-back blocks (:func:`paired_ratio`). With two
+threads on two shared cores, another busy process stalls every parallel region (OpenMP waits for
+its slowest thread) and can slow a block 10-20x: run it on a quiet machine (the load average is
+printed before and after).
 
 1. one training step (forward, eps-MSE backward, AdamW step; Ho et al. 2020, Algorithm 1) of the
    ``digits`` U-Net (``ddpm_lib/presets/digits.json``, 1x8x8) and of a diffusers ``UNet2DModel``
@@ -28,7 +32,9 @@ both alike) and reported as medians over ``--repeats`` timed blocks of ``--steps
    model (both forward, backward and AdamW): the loss function's overhead. Target: <= 5%.
 3. each sampler (``ddpm_sample``, ``ddim_sample``, ``dpm_solver_pp_sample``; ``--sample-steps``
    steps) against a bare loop of the same network calls (counted, same batch, same timesteps): the
-   sampler's own overhead. Target: <= 3%.
+   sampler's own overhead. Target: <= 3%. As that difference of two noisy times resolves a few
+   percent at best, each sampler is also run with a network that costs nothing (x / 2): its own
+   time per step, and that as a share of one network call.
 
 The targets are printed beside the measurements, never asserted (timing is noisy); the functions
 :func:`compare_training`, :func:`training_losses_overhead` and :func:`sampler_overhead` return the
@@ -40,6 +46,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import resource
 import statistics
 import tempfile
@@ -77,7 +84,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--compare", choices=["diffusers"],
                    help="time the digits U-Net against an equal-size diffusers UNet2DModel, and the overheads of "
                         "training_losses and the samplers (see above); --steps is then per timed block")
-    p.add_argument("--repeats", type=int, default=7, help="--compare: timed blocks of each kind (median)")
+    p.add_argument("--repeats", type=int, default=11, help="--compare: timed blocks of each kind (median)")
     p.add_argument("--sample-steps", type=int, default=50, help="--compare: steps of each sampler")
     args = p.parse_args(argv)
     on_cuda = args.device == "cuda"
@@ -247,17 +254,38 @@ def interleaved_medians(blocks: dict[str, Callable[[], tuple[int, int]]], repeat
     return out
 
 
-def _train_block(forward: Callable[[Tensor, Tensor], Tensor], opt: torch.optim.Optimizer, x0: Tensor, steps: int,
-                 T: int, generator: torch.Generator, diffusion=None, model=None) -> Callable[[], tuple[int, int]]:
-    """``steps`` training steps (Ho et al. 2020, Algorithm 1: t ~ U, eps ~ N(0, I), gradient step on
-    ||eps - eps_theta(x_t, t)||^2) with AdamW. Bare (``diffusion`` None): x_t from float32 tables and
-    F.mse_loss on ``forward(x_t, t)``; else ``diffusion.training_losses(model, ...)`` (loss simple)
-    with the same t and noise draws."""
-    if diffusion is None:
-        from ddpm_lib.schedules import linear_betas
+def paired_ratio(timed: dict[str, dict], a: str, b: str) -> float:
+    """The median over repetitions of time(a) / time(b), each ratio taken within ONE repetition,
+    where the two blocks ran back to back: a load burst from another process that hits one
+    repetition then moves that repetition's ratio little, where it would move a median of times
+    taken minutes apart."""
+    return statistics.median(_ratios(timed, a, b))
 
-        ab = torch.cumprod(1 - linear_betas(T), 0).to(device=x0.device, dtype=x0.dtype)
-        sqrt_ab, sqrt_1m_ab = ab.sqrt(), (1 - ab).sqrt()
+
+def _ratios(timed: dict[str, dict], a: str, b: str) -> list[float]:
+    return [x / y for x, y in zip(timed[a]["times_s"], timed[b]["times_s"])]
+
+
+def quartiles(values: list[float]) -> tuple[float, float]:
+    """The 25% and 75% quantiles of ``values`` (both the value itself for one value): the spread of
+    the per-repetition ratios, printed so a reader sees how far the median can be trusted."""
+    if len(values) < 2:
+        return values[0], values[0]
+    q = statistics.quantiles(values, n=4, method="inclusive")
+    return q[0], q[2]
+
+
+def _train_block(forward: Callable[[Tensor, Tensor], Tensor], opt: torch.optim.Optimizer, x0: Tensor, steps: int,
+                 chain, generator: torch.Generator, use_training_losses: bool = False,
+                 model=None) -> Callable[[], tuple[int, int]]:
+    """``steps`` training steps (Ho et al. 2020, Algorithm 1: t ~ U, eps ~ N(0, I), gradient step on
+    ||eps - eps_theta(x_t, t)||^2) with AdamW on the chain ``chain`` (a GaussianDiffusion). Bare:
+    x_t by Eq. (4) from the chain's alpha_bar cast once to x0's dtype, and F.mse_loss on
+    ``forward(x_t, t)``; with ``use_training_losses``, ``chain.training_losses(model, ...)`` (loss
+    simple) with the same t and noise draws."""
+    T = chain.T
+    ab = chain.alphas_cumprod.to(device=x0.device, dtype=x0.dtype)
+    sqrt_ab, sqrt_1m_ab = ab.sqrt(), (1 - ab).sqrt()
     shape = (x0.shape[0],) + (1,) * (x0.ndim - 1)
 
     def block() -> tuple[int, int]:
@@ -265,11 +293,11 @@ def _train_block(forward: Callable[[Tensor, Tensor], Tensor], opt: torch.optim.O
         for _ in range(steps):
             t = torch.randint(0, T, (x0.shape[0],), generator=generator, device=x0.device)
             noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
-            if diffusion is None:
+            if use_training_losses:
+                loss = chain.training_losses(model, x0, t, noise, loss="simple")["loss"].mean()
+            else:
                 x_t = sqrt_ab[t].view(shape) * x0 + sqrt_1m_ab[t].view(shape) * noise
                 loss = F.mse_loss(forward(x_t, t), noise)
-            else:
-                loss = diffusion.training_losses(model, x0, t, noise, loss="simple")["loss"].mean()
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -290,18 +318,22 @@ def compare_training(*, batch: int = 64, steps: int = 5, repeats: int = 7, warmu
     """Training images/s of the digits U-Net against an equal-size diffusers ``UNet2DModel``: the
     same bare training step (eps-MSE, AdamW lr 1e-4, float32, same batch and draws), interleaved
     blocks of ``steps`` steps, medians over ``repeats``. Returns the parameter counts, the diffusers
-    config, per model the images/s, timed steps and images counted, and the ratio ddpm_lib / diffusers."""
+    config, per model the images/s (from the median time), timed steps and images counted, and the
+    ratio ddpm_lib / diffusers of images/s (:func:`paired_ratio`: per repetition, then the median)."""
     torch.manual_seed(seed)
     ours = digits_unet().to(device).train()
     torch.manual_seed(seed)
     theirs, conf = matching_diffusers_unet(ours)
     theirs = theirs.to(device).train()
+    from ddpm_lib.diffusion import GaussianDiffusion
+
+    chain = GaussianDiffusion.from_name("linear", T)
     x0 = _batch(ours.config, batch, device, seed)
     blocks = {}
     for name, net, forward in (("ddpm_lib", ours, ours),
                                ("diffusers", theirs, lambda x, t: theirs(x, t, return_dict=False)[0])):
         opt = torch.optim.AdamW(net.parameters(), lr=1e-4)
-        blocks[name] = _train_block(forward, opt, x0, steps, T, torch.Generator(device=device).manual_seed(seed))
+        blocks[name] = _train_block(forward, opt, x0, steps, chain, torch.Generator(device=device).manual_seed(seed))
     timed = interleaved_medians(blocks, repeats, warmup, device)
     ips = {name: batch * steps / rec["median_s"] for name, rec in timed.items()}
     n_ours, n_theirs = count_parameters(ours), count_parameters(theirs)
@@ -309,7 +341,9 @@ def compare_training(*, batch: int = 64, steps: int = 5, repeats: int = 7, warmu
         "batch": batch, "steps": steps, "repeats": repeats,
         "params": {"ddpm_lib": n_ours, "diffusers": n_theirs}, "param_ratio": n_theirs / n_ours,
         "diffusers_config": conf,
-        "images_per_s": ips, "ratio": ips["ddpm_lib"] / ips["diffusers"],
+        # images/s ratio = time ratio the other way round, per repetition
+        "images_per_s": ips, "ratio": paired_ratio(timed, "diffusers", "ddpm_lib"),
+        "ratio_iqr": quartiles(_ratios(timed, "diffusers", "ddpm_lib")),
         "timed_steps": {name: rec["steps"] for name, rec in timed.items()},
         "images": {name: rec["images"] for name, rec in timed.items()},
         "times_s": {name: rec["times_s"] for name, rec in timed.items()},
@@ -321,8 +355,8 @@ def training_losses_overhead(model: nn.Module | None = None, diffusion=None, *, 
     """Time of a training step through ``GaussianDiffusion.training_losses`` (loss "simple") over a
     bare eps-MSE step (x_t from float32 tables, F.mse_loss), same model, one AdamW, same batch and
     draws (Ho et al. 2020, Algorithm 1, both). Default: the digits U-Net on the linear T = 1000
-    chain. Returns the median seconds per block of ``steps`` of each, the overhead (ratio - 1), and
-    the timed steps and images of each."""
+    chain. Returns the median seconds per block of ``steps`` of each, the overhead (the
+    :func:`paired_ratio` - 1), and the timed steps, images and times of each."""
     from ddpm_lib.diffusion import GaussianDiffusion
 
     model = (model if model is not None else digits_unet()).to(device).train()
@@ -332,17 +366,19 @@ def training_losses_overhead(model: nn.Module | None = None, diffusion=None, *, 
         raise ValueError("pass a ddpm_lib model (its config gives the image shape)")
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     blocks = {
-        "bare": _train_block(model, opt, x0, steps, diffusion.T, torch.Generator(device=device).manual_seed(seed)),
-        "training_losses": _train_block(model, opt, x0, steps, diffusion.T,
-                                        torch.Generator(device=device).manual_seed(seed), diffusion, model),
+        "bare": _train_block(model, opt, x0, steps, diffusion, torch.Generator(device=device).manual_seed(seed)),
+        "training_losses": _train_block(model, opt, x0, steps, diffusion,
+                                        torch.Generator(device=device).manual_seed(seed), True, model),
     }
     timed = interleaved_medians(blocks, repeats, warmup, device)
     return {
         "batch": batch, "steps": steps, "repeats": repeats,
         "bare_s": timed["bare"]["median_s"], "training_losses_s": timed["training_losses"]["median_s"],
-        "overhead": timed["training_losses"]["median_s"] / timed["bare"]["median_s"] - 1,
+        "overhead": paired_ratio(timed, "training_losses", "bare") - 1,
+        "overhead_iqr": tuple(q - 1 for q in quartiles(_ratios(timed, "training_losses", "bare"))),
         "timed_steps": {name: rec["steps"] for name, rec in timed.items()},
         "images": {name: rec["images"] for name, rec in timed.items()},
+        "times_s": {name: rec["times_s"] for name, rec in timed.items()},
     }
 
 
@@ -362,6 +398,20 @@ class _Recorder(nn.Module):
         return self.model(x, t, **kwargs)
 
 
+class _Free(nn.Module):
+    """A network that costs (almost) nothing: x / 2, carrying the parameterisation of ``like``. A
+    sampler run with it times the sampler's own work alone."""
+
+    def __init__(self, like: nn.Module):
+        super().__init__()
+        for attr in ("prediction", "variance"):
+            if hasattr(like, attr):
+                setattr(self, attr, getattr(like, attr))
+
+    def forward(self, x, t, **kwargs):
+        return x * 0.5
+
+
 SAMPLERS = ("ddpm_sample", "ddim_sample", "dpm_solver_pp_sample")
 
 
@@ -372,7 +422,12 @@ def sampler_overhead(model: nn.Module | None = None, diffusion=None, *, batch: i
     the calls and their timesteps; then, interleaved, the sampler (``steps`` steps, the same x_T)
     and a plain loop of the same calls (same batch, same timesteps, no_grad) are timed. Default: the
     digits U-Net on the linear T = 1000 chain. Returns per sampler the model calls, the median
-    seconds of both, and the overhead (ratio - 1)."""
+    seconds of both, the overhead (the :func:`paired_ratio` - 1) and all the times.
+
+    A difference of two noisy times resolves a few percent at best; so the sampler's own work is
+    also timed directly, with a network that costs nothing (:class:`_Free`, x / 2): ``own_s_per_step``
+    (median of ``repeats`` runs over the steps) and ``own_fraction``, that over the bare time of
+    one network call."""
     from ddpm_lib import samplers as sampling
     from ddpm_lib.diffusion import GaussianDiffusion
 
@@ -400,11 +455,16 @@ def sampler_overhead(model: nn.Module | None = None, diffusion=None, *, batch: i
             return len(ts), batch
 
         timed = interleaved_medians({"sampler": run, "bare": bare}, repeats, warmup, device)
+        free = _Free(model)
+        own = interleaved_medians({"own": lambda: run(free)}, repeats, warmup, device)["own"]["median_s"] / len(ts)
         out[name] = {
             "model_calls": len(ts), "steps": steps, "batch": batch,
             "timesteps": torch.stack(ts)[:, 0].tolist(),
             "sampler_s": timed["sampler"]["median_s"], "bare_s": timed["bare"]["median_s"],
-            "overhead": timed["sampler"]["median_s"] / timed["bare"]["median_s"] - 1,
+            "overhead": paired_ratio(timed, "sampler", "bare") - 1,
+            "overhead_iqr": tuple(q - 1 for q in quartiles(_ratios(timed, "sampler", "bare"))),
+            "times_s": {name: rec["times_s"] for name, rec in timed.items()},
+            "own_s_per_step": own, "own_fraction": own / (timed["bare"]["median_s"] / len(ts)),
         }
     return out
 
@@ -421,7 +481,8 @@ def compare_main(args) -> dict:
     print(f"ddpm_lib vs diffusers: device {device} ({where}), torch {torch.__version__}, diffusers "
           f"{diffusers.__version__}, float32")
     print(f"interleaved timing (A B, B A, ...), {args.warmup} untimed warm-up block(s), medians of "
-          f"{args.repeats} blocks\n")
+          f"{args.repeats} blocks; ratios: median [interquartile range] of the per-repetition ratios")
+    print(f"load average (1, 5, 15 min) before: {_load()}\n")
 
     train = compare_training(steps=args.steps, device=device, **kw)
     conf = train["diffusers_config"]
@@ -435,14 +496,17 @@ def compare_main(args) -> dict:
         print(f"   {name:<10} {train['images_per_s'][name]:9.1f} images/s  ({train['timed_steps'][name]} timed "
               f"steps, {train['images'][name]} images)")
     ok = "met" if train["ratio"] >= TARGET_TRAIN_RATIO else "NOT met"
-    print(f"   ratio ddpm_lib / diffusers: {train['ratio']:.3f}x  (target >= {TARGET_TRAIN_RATIO:.1f}x: {ok})\n")
+    lo, hi = train["ratio_iqr"]
+    print(f"   ratio ddpm_lib / diffusers: {train['ratio']:.3f}x [IQR {lo:.3f}..{hi:.3f}]  "
+          f"(target >= {TARGET_TRAIN_RATIO:.1f}x: {ok})\n")
 
     loss = training_losses_overhead(steps=args.steps, device=device, **kw)
     ok = "met" if loss["overhead"] <= TARGET_LOSS_OVERHEAD else "NOT met"
     print("2. GaussianDiffusion.training_losses (loss simple) vs a bare eps-MSE step, digits U-Net, "
           f"forward+backward+AdamW both, batch {args.batch}")
     print(f"   bare {loss['bare_s'] / args.steps * 1e3:.2f} ms/step, training_losses "
-          f"{loss['training_losses_s'] / args.steps * 1e3:.2f} ms/step: overhead {loss['overhead']:+.1%}  "
+          f"{loss['training_losses_s'] / args.steps * 1e3:.2f} ms/step: overhead {loss['overhead']:+.1%} "
+          f"[IQR {loss['overhead_iqr'][0]:+.1%}..{loss['overhead_iqr'][1]:+.1%}]  "
           f"(target <= {TARGET_LOSS_OVERHEAD:.0%}: {ok})\n")
 
     samp = sampler_overhead(steps=args.sample_steps, device=device, **kw)
@@ -451,8 +515,23 @@ def compare_main(args) -> dict:
     for name, rec in samp.items():
         ok = "met" if rec["overhead"] <= TARGET_SAMPLER_OVERHEAD else "NOT met"
         print(f"   {name:<22} {rec['model_calls']:4d} calls  sampler {rec['sampler_s']:.3f} s  bare "
-              f"{rec['bare_s']:.3f} s  overhead {rec['overhead']:+.1%}  (target <= {TARGET_SAMPLER_OVERHEAD:.0%}: {ok})")
+              f"{rec['bare_s']:.3f} s  overhead {rec['overhead']:+.1%} [IQR {rec['overhead_iqr'][0]:+.1%}.."
+              f"{rec['overhead_iqr'][1]:+.1%}]  (target <= {TARGET_SAMPLER_OVERHEAD:.0%}: {ok})")
+    print("   the samplers' own work, timed with a network that costs nothing (x / 2), per step and as a share "
+          "of one network call:")
+    for name, rec in samp.items():
+        ok = "met" if rec["own_fraction"] <= TARGET_SAMPLER_OVERHEAD else "NOT met"
+        print(f"   {name:<22} {rec['own_s_per_step'] * 1e6:7.0f} us/step = {rec['own_fraction']:.2%} of a call  "
+              f"(target <= {TARGET_SAMPLER_OVERHEAD:.0%}: {ok})")
+    print(f"\nload average (1, 5, 15 min) after: {_load()}")
     return {"training": train, "training_losses": loss, "samplers": samp}
+
+
+def _load() -> str:
+    try:
+        return ", ".join(f"{v:.2f}" for v in os.getloadavg())
+    except (AttributeError, OSError):  # not on Windows
+        return "n/a"
 
 
 if __name__ == "__main__":

@@ -3,25 +3,33 @@
 A checkpoint is a directory (``out_dir/checkpoint/``) holding
 
 =====================  ===================================================================
-``config.json``        format and version, step, the model / diffusion / train configs, and
-                       the size and SHA-256 of every other file (written last)
+``config.json``        format and version, step, the model / diffusion / train configs
 ``model.safetensors``  the trained weights
 ``ema.safetensors``    the EMA weights (what to sample from)
 ``state.safetensors``  the optimiser's tensors and every RNG state (uint8 tensors)
-``state.json``         the optimiser's other entries (param groups) and the loop's state
+``state.json``         the step again, the optimiser's other entries (param groups) and the
+                       loop's state (``TrainLoop.loop_state``)
+``manifest.json``      the size and SHA-256 of each of the five files above, config.json
+                       included (written last)
 =====================  ===================================================================
 
-Nothing is pickled (DESIGN.md): no ``torch.save``/``torch.load`` anywhere.
+Nothing is pickled (DESIGN.md): no ``torch.save``/``torch.load`` anywhere. Format version 2
+(this one) moved the manifest out of ``config.json`` so that it covers ``config.json`` too;
+version 1 checkpoints are refused with a message saying so.
 
 **Atomic writes.** :func:`save_checkpoint` writes a new checkpoint into
 ``checkpoint.tmp-<random>``, fsyncs it, renames the current ``checkpoint`` to
 ``checkpoint.prev``, renames the new one to ``checkpoint`` and only then deletes
 ``checkpoint.prev``. A crash (even SIGKILL) at any point leaves a complete checkpoint under
-one of the two names; :func:`latest_checkpoint` finds it.
+one of the two names; :func:`latest_checkpoint` finds it. :func:`write_atomic` replaces a
+single file the same way (the training log's rewrite on resume). Folders and files are
+created with the permissions the umask asks for (0o777 / 0o666 & ~umask), not the 0o700 /
+0o600 of ``tempfile`` or of safetensors' own ``save_file``.
 
-**Clear errors.** :func:`load_checkpoint` checks every file (present, the recorded size and
-hash, parseable) and raises a single :class:`CheckpointError` naming the file and the
-problem, never a deep traceback from safetensors or json.
+**Clear errors.** :func:`load_checkpoint` checks every file (present, the size and hash
+``manifest.json`` records, parseable) and the step (an int in [0, train.steps], the same in
+``config.json`` and ``state.json``), and raises a single :class:`CheckpointError` naming the
+file and the problem, never a deep traceback from safetensors or json.
 """
 
 from __future__ import annotations
@@ -29,14 +37,15 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import secrets
 import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+from safetensors.torch import save as safetensors_bytes
 from torch import Tensor
 
 from ddpm_lib.configs import DiffusionConfig, TrainConfig
@@ -44,12 +53,14 @@ from ddpm_lib.configs import DiffusionConfig, TrainConfig
 __all__ = [
     "FORMAT", "FORMAT_VERSION", "CheckpointError", "Checkpoint", "save_checkpoint",
     "load_checkpoint", "latest_checkpoint", "read_config", "load_model", "load_state_dict", "build_model",
-    "sha256_file", "ready_to_sample",
+    "sha256_file", "ready_to_sample", "write_atomic",
 ]
 
 FORMAT = "ddpm_lib.checkpoint"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 NAME = "checkpoint"
+CONFIG = "config.json"
+MANIFEST = "manifest.json"
 WEIGHT_FILES = ("model.safetensors", "ema.safetensors")
 STATE_FILES = ("state.safetensors", "state.json")
 
@@ -109,13 +120,43 @@ def sha256_file(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
+def _write_new(path: Path, data: bytes) -> None:
+    """Create ``path`` (it must not exist) holding ``data``, flushed to disk. ``open`` creates it
+    with mode 0o666 & ~umask, as the user expects of any file."""
+    with open(path, "xb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
 def _write_tensors(path: Path, tensors: dict[str, Tensor]) -> None:
-    # Copies on the CPU, contiguous and unshared (safetensors refuses shared storage).
-    save_file({k: v.detach().to("cpu", copy=True).contiguous() for k, v in tensors.items()}, str(path))
+    # Copies on the CPU, contiguous and unshared (safetensors refuses shared storage). Serialised
+    # to bytes and written here: safetensors' save_file creates its files 0o600 whatever the umask.
+    _write_new(path, safetensors_bytes({k: v.detach().to("cpu", copy=True).contiguous() for k, v in tensors.items()}))
 
 
 def _write_json(path: Path, obj: Any) -> None:
-    path.write_text(json.dumps(obj, indent=2, allow_nan=False) + "\n")
+    _write_new(path, (json.dumps(obj, indent=2, allow_nan=False) + "\n").encode())
+
+
+def write_atomic(path: str | os.PathLike, data: str | bytes) -> None:
+    """Replace (or create) ``path`` with ``data`` so that a crash at any moment leaves either the
+    old file or the new one, whole: write ``<name>.tmp-<random>`` beside it, flush and fsync it,
+    ``os.replace`` it over ``path`` (atomic on POSIX and Windows), then fsync the folder so the
+    rename itself is on disk. A temporary left by a crash is the caller's to remove."""
+    path = Path(path)
+    tmp = path.with_name(f"{path.name}.tmp-{secrets.token_hex(8)}")
+    try:
+        _write_new(tmp, data.encode() if isinstance(data, str) else data)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync(path.parent)
+
+
+def _manifest_entry(path: Path) -> dict[str, Any]:
+    return {"bytes": path.stat().st_size, "sha256": sha256_file(path)}
 
 
 def _flatten_optimizer(sd: dict[str, Any]) -> tuple[dict[str, Tensor], dict[str, Any]]:
@@ -164,24 +205,22 @@ def save_checkpoint(
     out_dir.mkdir(parents=True, exist_ok=True)
     for stale in out_dir.glob(f"{NAME}.tmp-*"):  # left by a crash during an earlier save
         shutil.rmtree(stale, ignore_errors=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f"{NAME}.tmp-", dir=out_dir))
-    # 1. every file into the temporary directory; config.json (with the manifest) last
+    tmp = out_dir / f"{NAME}.tmp-{secrets.token_hex(8)}"
+    tmp.mkdir()  # mode 0o777 & ~umask (tempfile.mkdtemp would make it 0o700)
+    # 1. every file into the temporary directory (each fsynced as written); the manifest last
     _write_tensors(tmp / "model.safetensors", model)
     _write_tensors(tmp / "ema.safetensors", ema)
     opt_tensors, opt_json = _flatten_optimizer(optimizer)
     _write_tensors(tmp / "state.safetensors", {**opt_tensors, **{f"rng.{k}": v for k, v in rng.items()}})
     _write_json(tmp / "state.json", {"step": step, "optimizer": opt_json, "loop": state or {}})
-    files = {name: {"bytes": (tmp / name).stat().st_size, "sha256": sha256_file(tmp / name)}
-             for name in WEIGHT_FILES + STATE_FILES}
     from ddpm_lib import __version__
 
-    _write_json(tmp / "config.json", {
+    _write_json(tmp / CONFIG, {
         "format": FORMAT, "format_version": FORMAT_VERSION, "ddpm_lib_version": __version__, "step": step,
         "model": model_config, "diffusion": diffusion_config.to_dict(), "train": train_config.to_dict(),
-        "files": files,
     })
-    for path in tmp.iterdir():
-        _fsync(path)
+    files = {name: _manifest_entry(tmp / name) for name in (CONFIG, *WEIGHT_FILES, *STATE_FILES)}
+    _write_json(tmp / MANIFEST, {"format": FORMAT, "files": files})
     _fsync(tmp)
     # 2. swap: checkpoint -> checkpoint.prev, tmp -> checkpoint, then drop checkpoint.prev
     final, prev = out_dir / NAME, out_dir / f"{NAME}.prev"
@@ -225,52 +264,94 @@ def _read_tensors(path: Path) -> dict[str, Tensor]:
         raise _fail(path, f"not a valid safetensors file ({e})") from None
 
 
-def _check_manifest(ckpt: Path, config: dict[str, Any], names: tuple[str, ...]) -> None:
+def _manifest(ckpt: Path) -> dict[str, Any]:
+    """The ``files`` table of ``manifest.json``: {name: {"bytes": ..., "sha256": ...}}."""
+    where = ckpt / MANIFEST
+    if not where.is_file():
+        raise _fail(where, "missing: the checkpoint is incomplete (its manifest is written last)")
+    manifest = _read_json(where)
+    files = manifest.get("files") if isinstance(manifest, dict) else None
+    if not isinstance(files, dict):
+        raise _fail(where, 'has no "files" table')
+    return files
+
+
+def _check_files(ckpt: Path, files: dict[str, Any], names: tuple[str, ...]) -> None:
+    """Each named file is present, of the size and SHA-256 that ``manifest.json`` records."""
     for name in names:
-        path, expected = ckpt / name, config["files"].get(name)
+        path, expected = ckpt / name, files.get(name)
         if not path.is_file():
             raise _fail(path, "missing: the checkpoint is incomplete")
         if not isinstance(expected, dict):
-            raise _fail(ckpt / "config.json", f"records no size and hash for {name}")
+            raise _fail(ckpt / MANIFEST, f"records no size and hash for {name}")
         size = path.stat().st_size
         if size != expected.get("bytes"):
-            raise _fail(path, f"is {size} bytes, config.json records {expected.get('bytes')} (truncated or replaced)")
+            raise _fail(path, f"is {size} bytes, {MANIFEST} records {expected.get('bytes')} (truncated or replaced)")
         if sha256_file(path) != expected.get("sha256"):
-            raise _fail(path, "SHA-256 differs from the one config.json records (corrupt or replaced)")
+            raise _fail(path, f"SHA-256 differs from the one {MANIFEST} records (corrupt or replaced)")
 
 
 def _locate(path: str | os.PathLike) -> Path:
     """A checkpoint directory itself, or the latest checkpoint of an ``out_dir``."""
     ckpt = Path(path)
-    if not (ckpt / "config.json").exists():
+    if not (ckpt / CONFIG).exists():
         ckpt = latest_checkpoint(path) or ckpt
     if not ckpt.is_dir():
         raise _fail(ckpt, "no checkpoint here (expected a directory with config.json)")
     return ckpt
 
 
-def _read_config(ckpt: Path) -> dict[str, Any]:
-    where = ckpt / "config.json"
+@dataclass
+class _Config:
+    """A validated ``config.json``: the dict, its parsed configs, and the manifest's files table."""
+
+    raw: dict[str, Any]
+    diffusion: DiffusionConfig
+    train: TrainConfig
+    files: dict[str, Any]
+
+
+def _read_config(ckpt: Path) -> _Config:
+    """``config.json`` checked against the manifest (when there is one: a foreign folder has
+    none, and is then named as foreign from its content), then its format, version, entries,
+    configs and step."""
+    where = ckpt / CONFIG
     if not where.is_file():
         raise _fail(where, "missing: not a ddpm_lib checkpoint, or an incomplete one")
+    files = None
+    if (ckpt / MANIFEST).is_file():
+        files = _manifest(ckpt)
+        _check_files(ckpt, files, (CONFIG,))
     config = _read_json(where)
     if not isinstance(config, dict) or config.get("format") != FORMAT:
         raise _fail(where, f"not a ddpm_lib checkpoint (no \"format\": \"{FORMAT}\")")
     if config.get("format_version") != FORMAT_VERSION:
-        raise _fail(where, f"format_version {config.get('format_version')!r} is not supported "
+        old = " (written by an older ddpm_lib, whose manifest did not cover config.json)" \
+            if config.get("format_version") == 1 else ""
+        raise _fail(where, f"format_version {config.get('format_version')!r} is not supported{old} "
                            f"(this ddpm_lib reads version {FORMAT_VERSION})")
-    missing = [k for k in ("step", "model", "diffusion", "train", "files") if k not in config]
+    if files is None:
+        files = _manifest(ckpt)  # raises: a version-2 checkpoint without its manifest is incomplete
+    missing = [k for k in ("step", "model", "diffusion", "train") if k not in config]
     if missing:
         raise _fail(where, f"lacks the entries {missing}")
     if not isinstance(config["model"], dict) or "kind" not in config["model"]:
         raise _fail(where, "the model config has no \"kind\"")
-    return config
+    try:
+        diffusion, train = DiffusionConfig.from_dict(config["diffusion"]), TrainConfig.from_dict(config["train"])
+    except (ValueError, TypeError) as e:
+        raise _fail(where, f"invalid config ({e})") from None
+    step = config["step"]
+    # bool is an int in Python, and JSON's 3.5 or 1e9 are floats: only a true int is a step count
+    if type(step) is not int or not 0 <= step <= train.steps:
+        raise _fail(where, f"step {step!r} is not an int in [0, train.steps = {train.steps}]")
+    return _Config(config, diffusion, train, files)
 
 
 def read_config(path: str | os.PathLike) -> dict[str, Any]:
     """The validated ``config.json`` of a checkpoint directory (or of ``out_dir``'s latest):
     ``step`` and the ``model``, ``diffusion`` and ``train`` config dicts."""
-    return _read_config(_locate(path))
+    return _read_config(_locate(path)).raw
 
 
 def load_checkpoint(path: str | os.PathLike, *, training_state: bool = True) -> Checkpoint:
@@ -281,23 +362,21 @@ def load_checkpoint(path: str | os.PathLike, *, training_state: bool = True) -> 
     """
     ckpt = _locate(path)
     config = _read_config(ckpt)
-    names = WEIGHT_FILES + (STATE_FILES if training_state else ())
-    _check_manifest(ckpt, config, names)
-    try:
-        diffusion_config = DiffusionConfig.from_dict(config["diffusion"])
-        train_config = TrainConfig.from_dict(config["train"])
-    except (ValueError, TypeError) as e:
-        raise _fail(ckpt / "config.json", f"invalid config ({e})") from None
-    out = Checkpoint(path=ckpt, step=config["step"], model_config=config["model"],
-                     diffusion_config=diffusion_config, train_config=train_config,
-                     model=_read_tensors(ckpt / "model.safetensors"), ema=_read_tensors(ckpt / "ema.safetensors"))
+    _check_files(ckpt, config.files, WEIGHT_FILES + (STATE_FILES if training_state else ()))
+    step = config.raw["step"]
+    out = Checkpoint(path=ckpt, step=step, model_config=config.raw["model"], diffusion_config=config.diffusion,
+                     train_config=config.train, model=_read_tensors(ckpt / "model.safetensors"),
+                     ema=_read_tensors(ckpt / "ema.safetensors"))
     if training_state:
-        tensors, meta = _read_tensors(ckpt / "state.safetensors"), _read_json(ckpt / "state.json")
+        where = ckpt / "state.json"
+        tensors, meta = _read_tensors(ckpt / "state.safetensors"), _read_json(where)
         try:
             out.optimizer = _unflatten_optimizer(tensors, meta["optimizer"])
-            out.state = meta["loop"]
+            out.state, state_step = dict(meta["loop"]), meta["step"]
         except (KeyError, TypeError, ValueError, AttributeError) as e:
-            raise _fail(ckpt / "state.json", f"malformed optimizer or loop state ({type(e).__name__}: {e})") from None
+            raise _fail(where, f"malformed optimizer or loop state ({type(e).__name__}: {e})") from None
+        if type(state_step) is not int or state_step != step:
+            raise _fail(where, f"records step {state_step!r}, config.json step {step}")
         out.rng = {k[len("rng."):]: v for k, v in tensors.items() if k.startswith("rng.")}
     return out
 

@@ -10,7 +10,8 @@ One function, :func:`train_classifier`, runs the package's one training loop
 (``ddpm_lib.loop.TrainLoop``: batch stream, seeded generators, LR schedule, EMA, resume,
 divergence check, the caller's RNG untouched) with cross-entropy as its loss, writing the same
 checkpoint (``ddpm_lib.checkpoint``; safetensors + JSON, atomic): ``load_model`` rebuilds the
-classifier. Its log adds ``train_acc``, the training accuracy over the logged window. A
+classifier. Its log adds ``train_acc``, the training accuracy over the logged window (its sum
+so far is in the checkpoint: a resumed run logs what an uninterrupted one does). A
 feature classifier's checkpoint records a default ``DiffusionConfig`` it does not use. Single
 process (no DDP): these nets train in minutes on a CPU::
 
@@ -68,6 +69,18 @@ class ClassifierLoop(TrainLoop):
         entries["train_acc"] = (self.correct / len(window)).item()
         self.correct = torch.zeros((), device=self.device)
         return entries
+
+    def loop_state(self) -> dict:
+        """Adds the accuracy summed since the last log line (float32, exact as a JSON double), so
+        that a resumed run logs the uninterrupted run's ``train_acc``."""
+        return {**super().loop_state(), "train_correct": self.correct.item()}
+
+    def load_loop_state(self, state: dict) -> None:
+        super().load_loop_state(state)
+        correct = state["train_correct"]
+        if not isinstance(correct, (int, float)) or isinstance(correct, bool):
+            raise TypeError(f"train_correct must be a number, got {correct!r}")
+        self.correct = torch.tensor(float(correct), device=self.device)
 
 
 def train_classifier(model_config, train_config, data, *, diffusion_config=None, out_dir, resume: bool = True,

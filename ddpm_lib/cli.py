@@ -13,17 +13,21 @@ malformed override, an option that would have no effect, e.g. ``--eta`` with ``-
 or 1 (at run time: missing or incompatible checkpoint, ...). Set ``DDPM_DEBUG=1`` to see the
 traceback instead.
 
-``train`` writes ``run.json`` (the config and the exact command), ``log.jsonl`` (loss and, with
-each sample grid, its metrics), ``samples/`` and ``checkpoint/`` into ``--out``; under
-``torchrun`` only rank 0 writes or prints. ``eval`` of a ``train --out`` directory also appends
+``train`` writes ``run.json`` (the config, the exact command and the wall time summed over
+resumed segments; atomically, ``ddpm_lib.runs``), ``log.jsonl`` (loss and, with each sample grid,
+its metrics), ``samples/`` and ``checkpoint/`` into ``--out``, a new or empty folder or an earlier
+run's; under ``torchrun`` only rank 0 writes or prints. The device is checked before anything is
+written; NaN and inf options are refused. ``eval`` of a ``train --out`` directory also appends
 its results to that run's ``log.jsonl``.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
+import math
 import os
 import shlex
 import sys
@@ -41,11 +45,12 @@ from ddpm_lib.checkpoint import CheckpointError, latest_checkpoint, read_config
 # before ddpm_lib.evaluation: importing them from ddpm_lib.cli keeps working
 from ddpm_lib.evaluation import (
     FEATURE_CLASSIFIERS, IMAGE_METRICS, POINT_METRICS, SAMPLERS, Loaded, applicable_metrics, evaluate, generate,
-    load_source, run_json, training_metrics,
+    load_source, training_metrics,
 )
 from ddpm_lib.presets import (
-    CLASSIFIERS, DataConfig, RunConfig, apply_overrides, dry_run, load_data, load_run_config, preset_names,
+    CLASSIFIERS, apply_overrides, dry_run, load_data, load_run_config, preset_names,
 )
+from ddpm_lib.runs import RUN_FILE, check_out_dir, read_run, run_data, write_json_atomic
 from ddpm_lib.schedules import SPACINGS
 from ddpm_lib.viz import save_figure
 
@@ -78,12 +83,37 @@ def _command_line(argv) -> str:
     return threads + "ddpm " + " ".join(shlex.quote(a) for a in argv)
 
 
-def _same_data(previous: dict[str, Any], run: RunConfig) -> bool:
-    """Whether an earlier run.json's data is this run's (older files lack newer, defaulted fields)."""
+def _finite_float(text: str) -> float:
+    """argparse type: a float that is not NaN or inf (those would fail deep inside a sampler)."""
     try:
-        return DataConfig.from_dict(previous["config"]["data"]) == run.data
-    except (KeyError, TypeError, ValueError):
-        return False
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+    return value
+
+
+def _check_device(name: str | None) -> None:
+    """Refuse, before anything is written or loaded, a device this machine lacks: one line instead
+    of torch's AssertionError (and a stray run.json) at the first tensor moved there."""
+    if name is None:
+        return
+    try:
+        device = torch.device(name)
+    except RuntimeError as e:
+        raise UsageError(f"--device {name}: not a torch device ({e})") from None
+    if device.type == "cuda":  # counted, not touched: a CUDA context now would land on GPU 0 for every rank
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ValueError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
+        if (device.index or 0) >= count:
+            raise ValueError(f"--device {name}: this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1}")
+    elif device.type != "cpu":
+        try:
+            torch.empty(1, device=device)
+        except Exception as e:  # torch raises several types here (RuntimeError, AssertionError)
+            raise ValueError(f"--device {name}: not available on this machine ({str(e).splitlines()[0]})") from None
 
 
 def cmd_train(args, argv) -> int:
@@ -97,34 +127,49 @@ def cmd_train(args, argv) -> int:
         raise UsageError(str(e)) from None
     if args.device:
         run = dataclasses.replace(run, train=run.train.replace(device=args.device))
+    _check_device(run.train.device)  # --device or --set train.device=...
     main_rank = distributed.is_main_process()  # under torchrun, rank 0 alone writes and prints
     name = Path(args.config).stem
     out = Path(args.out or f"runs/{name}{'-dry-run' if args.dry_run else ''}")
-    previous = run_json(out) or {}
-    if previous and not _same_data(previous, run):
+    check_out_dir(out)
+    previous = read_run(out) or {}  # only --out's own: a run.json in its parent is another run's
+    if previous and run_data(out, previous) != run.data:  # older files lack newer, defaulted fields
         raise ValueError(f"{out} holds a run on other data ({previous['config']['data']}); choose another --out")
     found = latest_checkpoint(out)
     if found is not None and main_rank:
         print(f"resuming from {found} (step {read_config(found)['step']})")
-    info = {"preset": name, "command": _command_line(argv), "config": run.to_dict(),
-            "wall_time_s": previous.get("wall_time_s", 0.0), "torch": torch.__version__,
-            "machine": f"{os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads"}
+    before = previous.get("wall_time_s", 0.0)  # the total of the earlier segments of this run
+    info = {"preset": name, "command": _command_line(argv), "config": run.to_dict(), "wall_time_s": before,
+            "torch": torch.__version__, "machine": f"{os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads"}
     if found is None and main_rank:  # a resumed run keeps its run.json until the checkpoint has accepted this config
         out.mkdir(parents=True, exist_ok=True)
-        (out / "run.json").write_text(json.dumps(info, indent=2) + "\n")
-    data = load_data(run.data, "train")
+        write_json_atomic(out / RUN_FILE, info)
     start, progress = time.perf_counter(), sys.stderr.isatty()
-    if run.kind in CLASSIFIERS:
-        result = train_classifier(run.model, run.train, data, diffusion_config=run.diffusion, out_dir=out, progress=progress)
-    else:
-        metrics = training_metrics(run.data) if run.train.sample_every and main_rank else None
-        result = train(run.model, run.diffusion, run.train, data, out_dir=out, progress=progress,
-                       sample_metrics=metrics)
+    try:
+        data = load_data(run.data, "train")
+        if run.kind in CLASSIFIERS:
+            result = train_classifier(run.model, run.train, data, diffusion_config=run.diffusion, out_dir=out,
+                                      progress=progress)
+        else:
+            metrics = training_metrics(run.data) if run.train.sample_every and main_rank else None
+            result = train(run.model, run.diffusion, run.train, data, out_dir=out, progress=progress,
+                           sample_metrics=metrics)
+    except BaseException:
+        # An interrupted or failed segment (Ctrl-C, divergence) still took its time: add it to the
+        # record on disk (the earlier one if resumed: this config was not accepted), so that the
+        # next segment's total includes it.
+        if main_rank and (out / RUN_FILE).is_file():
+            kept = info if found is None else previous
+            with contextlib.suppress(OSError):  # the error the user sees is the one that stopped training
+                write_json_atomic(out / RUN_FILE, {**kept, "wall_time_s": before + time.perf_counter() - start})
+        raise
     if not main_rank:
         return 0
-    info["wall_time_s"] += time.perf_counter() - start
-    (out / "run.json").write_text(json.dumps(info, indent=2) + "\n")
-    print(f"trained {run.kind} to step {result.step} in {info['wall_time_s']:.1f} s; checkpoint: {out / 'checkpoint'}")
+    segment = time.perf_counter() - start
+    info["wall_time_s"] = before + segment
+    write_json_atomic(out / RUN_FILE, info)
+    total = f" ({info['wall_time_s']:.1f} s in all)" if before else ""
+    print(f"trained {run.kind} to step {result.step} in {segment:.1f} s{total}; checkpoint: {out / 'checkpoint'}")
     return 0
 
 
@@ -159,18 +204,32 @@ def _guidance_args(args) -> dict[str, Any]:
     return dict(w=args.w, classifier=classifier, scale=1.0 if args.scale is None else args.scale)
 
 
+def _output_paths(args) -> tuple[Path, Path]:
+    """The PNG and .npz that ``sample`` writes, exactly as named: matplotlib would add ``.png`` to a
+    name without a suffix (``--out DIR`` wrote ``DIR.png``) and numpy ``.npz`` to one without it, so
+    other names are refused up front, before sampling, rather than written under another name."""
+    png = Path(args.out or "samples.png")
+    npz = Path(args.npz) if args.npz else png.with_suffix(".npz")
+    for option, path, suffix in (("--out", png, ".png"), ("--npz", npz, ".npz")):
+        if path.is_dir():
+            raise UsageError(f"{option} {path} is a folder; give a file name, e.g. {path / ('samples' + suffix)}")
+        if path.suffix.lower() != suffix:
+            raise UsageError(f"{option} {path}: the file name must end in {suffix}")
+    return png, npz
+
+
 def cmd_sample(args, argv) -> int:
     sampling = _sampling_options(args)
+    png, npz = _output_paths(args)
+    _check_device(args.device)
     guidance = _guidance_args(args)
     loaded = load_source(args.checkpoint, args.device)
     x, y = generate(loaded, args.n, seed=args.seed, label=args.label, **sampling, **guidance)
-    out = args.out or "samples.png"
-    save_figure(x, out, y)
-    npz = args.npz or str(Path(out).with_suffix(".npz"))
+    save_figure(x, png, y)
     arrays = {"samples": x.numpy()} if y is None else {"samples": x.numpy(), "labels": y.numpy()}
-    Path(npz).parent.mkdir(parents=True, exist_ok=True)
+    npz.parent.mkdir(parents=True, exist_ok=True)
     np.savez(npz, **arrays)
-    print(f"wrote {out} and {npz} ({args.n} samples of shape {tuple(x.shape[1:])})")
+    print(f"wrote {png} and {npz} ({args.n} samples of shape {tuple(x.shape[1:])})")
     return 0
 
 
@@ -211,9 +270,11 @@ def cmd_eval(args, argv) -> int:
     if unknown:
         raise UsageError(f"unknown metric(s) {sorted(unknown)}; choose from sw, energy, fd, kid, acc, mem, bpd")
     sampling = _sampling_options(args)
+    _check_device(args.device)
     loaded = load_source(args.checkpoint, args.device)
     if loaded.data is None:
-        raise ValueError(f"{loaded.source}: no run.json beside the checkpoint, so its data is unknown")
+        raise ValueError(f"{loaded.source}: no run.json beside the checkpoint, so its data is unknown "
+                         f"('ddpm train' with the run's --config and --out rewrites it)")
     _check_eval_options(args, loaded, metrics)
     n, seed, sampler = args.n or 1000, args.seed or 0, sampling["sampler"]
     nll_batches = 1 if args.nll_batches is None else args.nll_batches
@@ -273,7 +334,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help=f"number of samples (default {default_n})")
         p.add_argument("--sampler", choices=list(SAMPLERS), help="default ddpm (ancestral)")
         p.add_argument("--steps", type=int, help="sampling steps (default: ddpm 100 = respaced, ddim 50, dpm++ 20)")
-        p.add_argument("--eta", type=float, help="DDIM eta, --sampler ddim only (default 0: deterministic)")
+        p.add_argument("--eta", type=_finite_float, help="DDIM eta, --sampler ddim only (default 0: deterministic)")
         p.add_argument("--spacing", choices=list(SPACINGS),
                        help="which timesteps the --steps visit, for every sampler (default trailing: from T - 1 down)")
         p.add_argument("--seed", type=int, default=None if eval_ else 0, help="default 0")
@@ -284,19 +345,19 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("sample", help="draw samples: a PNG (grid or scatter) and an .npz", **kw)
     model_args(p, 64)
     p.add_argument("--guidance", choices=["cfg"], help="classifier-free guidance (class-conditional models)")
-    p.add_argument("--w", type=float, help="CFG weight w, with --guidance cfg: eps = (1 + w) eps(x, y) - w eps(x)")
+    p.add_argument("--w", type=_finite_float, help="CFG weight w, with --guidance cfg: eps = (1 + w) eps(x, y) - w eps(x)")
     p.add_argument("--label", type=int, help="one label for all samples (default: 0, 1, 2, ... cycled)")
     p.add_argument("--classifier", help="a noisy classifier (checkpoint or pretrained name) for classifier guidance")
-    p.add_argument("--scale", type=float, help="classifier-guidance scale s, with --classifier (default 1)")
-    p.add_argument("--out", help="PNG path (default samples.png)")
-    p.add_argument("--npz", help="npz path (default: the PNG path with .npz)")
+    p.add_argument("--scale", type=_finite_float, help="classifier-guidance scale s, with --classifier (default 1)")
+    p.add_argument("--out", help="a .png file, written as named (default samples.png)")
+    p.add_argument("--npz", help="a .npz file (default: the PNG's name with .npz)")
     p.set_defaults(func=cmd_sample)
 
     p = sub.add_parser("eval", help="measure a model: 2-D distances, feature-space metrics, bits/dim", **kw)
     model_args(p, 1000, eval_=True)
     p.add_argument("--metrics", help="comma list of sw,energy (2-D), fd,kid,acc,mem,bpd (images); default all that apply")
     p.add_argument("--nll-batches", type=int, help="test batches of 64 for bits/dim (0 skips; default 1)")
-    p.add_argument("--w", type=float, help="evaluate with classifier-free guidance of weight w")
+    p.add_argument("--w", type=_finite_float, help="evaluate with classifier-free guidance of weight w")
     p.add_argument("--json", help="also write the results to this JSON file (a run directory's log.jsonl gets them too)")
     p.set_defaults(func=cmd_eval)
     return parser

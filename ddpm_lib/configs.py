@@ -62,7 +62,7 @@ class DiffusionConfig(JSONConfig):
         self._require(self.loss in LOSSES, "loss", f"must be one of {list(LOSSES)}")
         self._require(self.prediction in PREDICTIONS, "prediction", f"must be one of {list(PREDICTIONS)}")
         self._require(self.variance in VARIANCES, "variance", f"must be one of {list(VARIANCES)}")
-        self._require(not (self.variance == "learned_range" and self.loss == "simple"), "loss",
+        self._require(not (self.variance == "learned_range" and self.loss in ("simple", "huber")), "loss",
                       "must be 'hybrid' or 'vlb' with variance='learned_range'")
         for name, value in self._schedule_kwargs().items():
             self._require(self.schedule == "linear", name,
@@ -138,9 +138,9 @@ class TrainConfig(JSONConfig):
         for name in ("steps", "batch_size", "log_every", "num_samples", "sample_steps"):
             self._require(getattr(self, name) >= 1, name, "must be >= 1")
         for name in ("warmup_steps", "sample_every", "checkpoint_every", "seed", "weight_decay", "data_workers"):
-            self._require(getattr(self, name) >= 0, name, "must be >= 0")
-        self._require(self.lr > 0, "lr", "must be > 0")
+            self._require(0 <= getattr(self, name) < math.inf, name, "must be a finite number >= 0")
+        self._require(0 < self.lr < math.inf, "lr", "must be a finite number > 0")
         self._require(self.lr_schedule in LR_SCHEDULES, "lr_schedule", f"must be one of {sorted(LR_SCHEDULES)}")
-        self._require(self.grad_clip is None or self.grad_clip > 0, "grad_clip", "must be None or > 0")
+        self._require(self.grad_clip is None or 0 < self.grad_clip < math.inf, "grad_clip", "must be None or a finite number > 0")
         self._require(0 <= self.ema_decay < 1, "ema_decay", "must be in [0, 1)")
         self._require(0 <= self.label_dropout < 1, "label_dropout", "must be in [0, 1)")

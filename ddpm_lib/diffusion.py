@@ -101,6 +101,9 @@ class GaussianDiffusion:
         self.timesteps = torch.as_tensor(timesteps, dtype=torch.long, device=device).reshape(-1)
         if self.timesteps.shape[0] != self.T:
             raise ValueError(f"timesteps must have length T = {self.T}, got {self.timesteps.shape[0]}")
+        if self.T > 1 and not bool((self.timesteps[1:] > self.timesteps[:-1]).all()):
+            # alpha_bar_at and the samplers find a timestep by binary search: order is required
+            raise ValueError(f"timesteps must be strictly increasing, got {self.timesteps.tolist()}")
 
         # The forward chain q(x_t | x_{t-1}) = N(sqrt(alpha_t) x_{t-1}, beta_t I)  (DDPM eq. 2).
         self.betas = betas

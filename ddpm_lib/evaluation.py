@@ -28,7 +28,6 @@ on real test data), since every one is a finite-sample estimate (``ddpm_lib.metr
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +40,7 @@ from ddpm_lib import pretrained
 from ddpm_lib.checkpoint import latest_checkpoint, load_model, read_config
 from ddpm_lib.configs import DiffusionConfig
 from ddpm_lib.presets import CLASSIFIERS, TOYS, DataConfig, load_tensors, toy_sampler
+from ddpm_lib.runs import find_run, run_data
 
 __all__ = ["Loaded", "load_source", "run_json", "generate", "evaluate", "applicable_metrics", "training_metrics",
            "FEATURE_CLASSIFIERS", "NUM_LEVELS", "SAMPLERS", "IMAGE_METRICS", "POINT_METRICS", "NOISY_TS"]
@@ -95,11 +95,20 @@ class Loaded:
 
 def run_json(path: Path) -> dict[str, Any] | None:
     """The ``run.json`` that ``ddpm train`` wrote in ``path`` or its parent (a checkpoint
-    directory sits inside the run directory), parsed; None if there is none."""
-    for folder in (path, path.parent):
-        if (folder / "run.json").is_file():
-            return json.loads((folder / "run.json").read_text())
-    return None
+    directory sits inside the run directory), parsed; None if there is none. A damaged one
+    raises ``ddpm_lib.runs.RunRecordError`` naming the file (``runs.read_run``)."""
+    found = find_run(path)
+    return None if found is None else found[1]
+
+
+def _check_weights(model: nn.Module, where: str) -> None:
+    """ValueError naming ``where`` if a weight is NaN or inf: such a model samples only NaN, and
+    saying so before sampling beats a failure deep inside a sampler or a metric."""
+    bad = [name for name, t in (*model.named_parameters(), *model.named_buffers())
+           if t.is_floating_point() and not bool(torch.isfinite(t).all())]  # once per tensor, at load time
+    if bad:
+        raise ValueError(f"{where}: {len(bad)} weight tensor(s) hold NaN or inf (e.g. {bad[0]}), so the model "
+                         f"cannot be sampled or evaluated; use an earlier checkpoint or train again")
 
 
 def load_source(spec: str, device: str | torch.device = "cpu") -> Loaded:
@@ -107,19 +116,24 @@ def load_source(spec: str, device: str | torch.device = "cpu") -> Loaded:
 
     The model has its EMA weights, is on ``device`` and carries its parameterisation
     (``model.prediction``, ``model.variance``, set by the loaders). Raises FileNotFoundError
-    when ``spec`` is neither an existing path nor a pretrained name.
+    when ``spec`` is neither an existing path nor a pretrained name, ``runs.RunRecordError``
+    for a damaged ``run.json`` and ValueError for weights that hold NaN or inf (both name the file).
     """
     if not Path(spec).exists():
         if spec in pretrained.available():
             run = pretrained.run_config(spec)
             out = pretrained.load(spec, device)
-            return Loaded(out if run.kind in CLASSIFIERS else out[0], run.diffusion, run.data, spec)
+            model = out if run.kind in CLASSIFIERS else out[0]
+            _check_weights(model, f"pretrained model {spec!r}")
+            return Loaded(model, run.diffusion, run.data, spec)
         raise FileNotFoundError(f"no checkpoint at {spec!r}, and no pretrained model of that name "
                                 f"(pretrained: {', '.join(pretrained.available())})")
+    ckpt = latest_checkpoint(spec) or Path(spec)
+    found = find_run(ckpt)  # a damaged run.json is refused before any loading
     model, _ = load_model(spec, device=device)
+    _check_weights(model, str(ckpt / "ema.safetensors"))
     config = read_config(spec)
-    run = run_json(latest_checkpoint(spec) or Path(spec))
-    data = DataConfig.from_dict(run["config"]["data"]) if run else None
+    data = run_data(*found) if found else None
     return Loaded(model, DiffusionConfig.from_dict(config["diffusion"]), data, str(spec))
 
 
@@ -149,8 +163,9 @@ def generate(loaded: Loaded, n: int, *, sampler: str = "ddpm", steps: int | None
         classifier, scale: a noisy classifier and the scale of classifier guidance
             (Dhariwal & Nichol 2021, Algorithm 1).
 
-    Raises ValueError for a classifier, for ``w`` on an unconditional model and for a label
-    outside the classes.
+    Raises ValueError for a classifier, for ``w`` on an unconditional model, for a label
+    outside the classes, and, with ``loaded.source`` prefixed, for what a sampler refuses (e.g.
+    samples that became non-finite).
     """
     from ddpm_lib.guidance import classifier_free, classifier_guidance
     from ddpm_lib.samplers import ddim_sample, ddpm_sample, dpm_solver_pp_sample
@@ -177,12 +192,15 @@ def generate(loaded: Loaded, n: int, *, sampler: str = "ddpm", steps: int | None
     # a new callable, and the checkpoint's config is the authority on what the network outputs.
     kw = dict(steps=steps or SAMPLERS[sampler], spacing=spacing, prediction=dcfg.prediction,
               generator=torch.Generator(device).manual_seed(seed), y=None if y is None else y.to(device))
-    if sampler == "ddpm":
-        x = ddpm_sample(guided, diffusion, shape, variance=dcfg.variance, **kw)
-    elif sampler == "ddim":
-        x = ddim_sample(guided, diffusion, shape, eta=eta, **kw)
-    else:
-        x = dpm_solver_pp_sample(guided, diffusion, shape, **kw)
+    try:
+        if sampler == "ddpm":
+            x = ddpm_sample(guided, diffusion, shape, variance=dcfg.variance, **kw)
+        elif sampler == "ddim":
+            x = ddim_sample(guided, diffusion, shape, eta=eta, **kw)
+        else:
+            x = dpm_solver_pp_sample(guided, diffusion, shape, **kw)
+    except ValueError as e:  # e.g. the samples became non-finite: say which model
+        raise ValueError(f"{loaded.source}: {e}") from e
     return x.cpu(), y
 
 

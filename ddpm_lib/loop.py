@@ -8,7 +8,7 @@ grids) and ``ddpm_lib.classifier_training.train_classifier`` (cross-entropy). On
 
     run      setup -> restore (if out_dir holds a checkpoint) -> start -> until cfg.steps:
                  run_step  (next_batch -> compute_loss -> optimizer_step: lr, clip, AdamW, EMA)
-                 after_step (check_losses -> log_entries, evaluate -> log; save)
+                 after_step (check_divergence -> log_entries, evaluate -> log; save)
 
 Guarantees (each tested in ``tests/test_train.py``, ``test_distributed.py`` or
 ``test_classifier_training.py``):
@@ -16,8 +16,16 @@ Guarantees (each tested in ``tests/test_train.py``, ``test_distributed.py`` or
 * **Exact resume.** Every source of randomness is a ``torch.Generator`` whose state is in the
   checkpoint (batches, timesteps, noise, label dropout; torch's global RNG for dropout
   layers), and the data order is a checkpointed stream. On the CPU, N steps in one go and
-  k steps + (crash or stop) + resume to N give bit-identical weights, EMA and optimiser.
+  k steps + (crash or stop) + resume to N give bit-identical weights, EMA and optimiser, and
+  the same log value for value except the timing entries (:data:`TIMING_KEYS`): the losses
+  since the last log line, the reference loss of the divergence check and a subclass's own
+  accumulators (the classifier's ``train_acc``) are in the checkpoint (:meth:`TrainLoop.loop_state`).
   Sample grids and their metrics use generators of their own: they change no number.
+* **A resume continues the same run.** The checkpoint's model, diffusion and train configs
+  must equal the run's, except the train fields of :data:`RESUMABLE_FIELDS` (the total
+  ``steps``, which a decaying ``lr_schedule`` then stretches to, and fields that change only
+  when or what is written, or where and with which kernels the same arithmetic runs);
+  anything else raises :class:`~ddpm_lib.checkpoint.CheckpointError` naming the fields.
 * **The caller's RNG is untouched.** The run's global RNG (the initialisation, seeded by
   ``cfg.seed``, and dropout) lives inside ``torch.random.fork_rng`` (CPU, and the training
   device on CUDA): ``torch.get_rng_state()`` after :meth:`TrainLoop.run` is what it was before.
@@ -30,12 +38,21 @@ Guarantees (each tested in ``tests/test_train.py``, ``test_distributed.py`` or
   is a generator state and a position, so resume is exact and W ranks equal one process. Tensors
   are indexed on the device; a map-style ``Dataset`` (image files, torchvision sets) is read
   item by item, by ``data_workers`` threads if asked.
-* **Divergence stops the run.** A NaN/inf loss raises :class:`TrainingDivergedError` naming
-  the step, before any later checkpoint is written: the one on disk is the last good one.
-  Losses are checked (one device sync) only when logging, evaluating or checkpointing. The
-  loop adds no other wait for the GPU: batch indices and Dataset items are copied from pinned
-  memory without blocking, labels are checked on the CPU, and the gradient norm stays a device
-  tensor until it is logged (the loss's own input checks live in ``ddpm_lib.losses``).
+* **Divergence stops the run.** :class:`TrainingDivergedError` names the step, and is raised
+  before any later checkpoint is written (the one on disk is the last good one), on: a NaN/inf
+  loss; a loss above :data:`EXPLOSION_FACTOR` x max(1, the loss of step 1) (see there); a
+  NaN/inf gradient norm (with ``grad_clip``, which computes it every step); non-finite model or
+  EMA weights (without ``grad_clip`` this is how a non-finite gradient shows: AdamW turns an
+  inf or NaN gradient into NaN weights). These are checked together, in one device sync, only
+  when logging, evaluating or checkpointing. The loop adds no other wait for the GPU: batch
+  indices and Dataset items are copied from pinned memory without blocking, labels are checked
+  on the CPU, and losses and gradient norms stay device tensors until checked (the loss's own
+  input checks live in ``ddpm_lib.losses``).
+* **The log survives crashes.** ``out_dir/log.jsonl`` is strict JSON, one object per line
+  (``allow_nan=False``: a non-finite value is written as ``null``), and append-only; it is
+  fsynced before each checkpoint, so it holds every line up to the checkpoint's step. On
+  resume, lines after the checkpoint's step (and a line torn by a crash) are dropped by an
+  atomic rewrite (``checkpoint.write_atomic``): a crash during it leaves the old log whole.
 * **Rank 0 writes.** Under DDP only rank 0 writes the log, the evaluations (sample grids) and
   checkpoints, and shows the progress bar.
 * **CUDA only**: ``bf16`` autocast (where the GPU supports bf16), ``channels_last`` and
@@ -48,8 +65,10 @@ step k holds the state after k updates; the learning rate of the update k + 1 is
 
 from __future__ import annotations
 
-import contextlib
+import itertools
 import json
+import math
+import os
 import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
@@ -64,6 +83,7 @@ from torch.utils.data import TensorDataset
 from ddpm_lib import distributed
 from ddpm_lib.checkpoint import (
     CheckpointError, build_model, latest_checkpoint, load_checkpoint, load_state_dict, save_checkpoint,
+    write_atomic,
 )
 from ddpm_lib.configs import LR_SCHEDULES, DiffusionConfig, TrainConfig, config_from_dict
 from ddpm_lib.data import check_range
@@ -71,13 +91,39 @@ from ddpm_lib.diffusion import GaussianDiffusion
 from ddpm_lib.ema import ema_decay, ema_update, make_ema
 
 __all__ = ["TrainLoop", "TrainResult", "TrainingDivergedError", "BatchStream", "TrainingData", "lr_at",
-           "optimizer_step", "GENERATORS"]
+           "optimizer_step", "GENERATORS", "TIMING_KEYS", "RESUMABLE_FIELDS", "EXPLOSION_FACTOR"]
 
 GENERATORS = ("data", "timestep", "noise", "label_dropout")
 
+# Log entries that measure the machine, not the run: they differ between two runs of the same
+# numbers (and between a run and its stopped-and-resumed twin); every other entry is equal.
+TIMING_KEYS = ("steps_per_sec",)
+
+# The TrainConfig fields a resumed run may change. ``steps``: the total to train to (a decaying
+# lr_schedule stretches to it). The others change when or what is written (log, checkpoints,
+# sample grids), how many threads read the data (the same batches whatever the count: tested),
+# or where and with which kernels the same arithmetic runs (device, compile, channels_last: as
+# moving the run to another machine would, they change rounding only). Everything else (data,
+# batches, seeds, optimiser, schedule, EMA, label dropout, bf16 precision) would make the
+# resumed run a different run on top of the random streams of the old one: refused.
+RESUMABLE_FIELDS = ("steps", "log_every", "checkpoint_every", "sample_every", "num_samples", "sample_steps",
+                    "data_workers", "device", "compile", "channels_last")
+
+# A checked loss above EXPLOSION_FACTOR * max(1, loss of step 1) is divergence. The package's
+# losses are O(1) on data in [-1, 1]: L_simple of the zero predictor is E|eps|^2 / d = 1, the
+# hybrid and vlb losses and a classifier's cross-entropy (log K at chance) are of that order, and
+# a healthy run stays within a small factor of its first loss (measured on the two-moons MLP, 300
+# steps, simple / hybrid / vlb losses, two seeds each: every step's loss below 1.7 x max(1, the
+# first)). Four orders of magnitude above that is no spike but a blow-up (lr = 1e12 gives ~1e25 at
+# step 2, inf at step 3). The max(1, .) keeps a run that starts near 0 (fine-tuning; the vlb loss
+# starts at ~0.01) from stopping on an ordinary rise; the relative part scales the limit for a
+# subclass's loss of another scale (e.g. summed over pixels).
+EXPLOSION_FACTOR = 1e4
+
 
 class TrainingDivergedError(RuntimeError):
-    """The loss became NaN or infinite; the message names the step and the value."""
+    """The loss, the gradient norm or the weights became non-finite, or the loss exploded; the
+    message names the step and the value."""
 
 
 @dataclass
@@ -248,16 +294,52 @@ def _config_dict(model_config: Any, model: nn.Module | None = None) -> dict[str,
     return json.loads(json.dumps(d))
 
 
+def _logged_step(line: str) -> int | None:
+    """The ``step`` of a log line, or None for a line that is not a log record (torn by a crash)."""
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError:
+        return None
+    step = record.get("step") if isinstance(record, dict) else None
+    return step if type(step) is int else None
+
+
 def _trim_log(path: Path, step: int) -> None:
-    """Drop log lines after ``step`` (written by a run that died before its next checkpoint)."""
+    """Drop the log lines after ``step`` (written by a run that died before its next checkpoint)
+    and lines torn by a crash mid-append, by an atomic rewrite: a crash during it leaves the old
+    log whole. A log with nothing to drop is not touched (the log is append-only otherwise)."""
+    for stale in path.parent.glob(f"{path.name}.tmp-*"):  # a rewrite that a crash interrupted
+        stale.unlink(missing_ok=True)
     if not path.exists():
         return
-    kept = []
-    for line in path.read_text().splitlines():
-        with contextlib.suppress(json.JSONDecodeError, TypeError, KeyError):
-            if json.loads(line)["step"] <= step:
-                kept.append(line + "\n")
-    path.write_text("".join(kept))
+    lines = path.read_text().splitlines(keepends=True)
+    kept = [line.rstrip("\n") + "\n" for line in lines if (s := _logged_step(line)) is not None and s <= step]
+    if kept != lines:
+        write_atomic(path, "".join(kept))
+
+
+def _finite_or_null(value: Any) -> Any:
+    """``value`` with every non-finite float replaced by None (JSON's null): strict JSON has no NaN."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite_or_null(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite_or_null(v) for v in value]
+    return value
+
+
+def _all_finite(module: nn.Module, device: torch.device) -> Tensor:
+    """Whether every float parameter and buffer of ``module`` is finite: a 0-d bool tensor on
+    ``device`` (no sync). Element-wise isfinite, not a norm, which overflows for finite weights."""
+    tensors = itertools.chain(module.parameters(), module.buffers())
+    flags = [t.isfinite().all() for t in tensors if t.is_floating_point()]
+    return torch.stack(flags).all() if flags else torch.ones((), dtype=torch.bool, device=device)
+
+
+def _diverged(what: str) -> TrainingDivergedError:
+    return TrainingDivergedError(f"training diverged: {what} (no checkpoint was written after it); lower lr, "
+                                 f"set grad_clip or check the data")
 
 
 class TrainLoop:
@@ -270,6 +352,9 @@ class TrainLoop:
     The attributes a hook may read: ``cfg``, ``dcfg``, ``info`` (rank, world size, ``device``),
     ``model`` (the raw module), ``net`` (what to call: DDP / compiled), ``ema``, ``diffusion``,
     ``gens`` (the seeded generators), ``source`` (the data), ``model_config`` (its dict), ``step``.
+    A subclass that accumulates something for its log lines across steps extends
+    :meth:`loop_state` and :meth:`load_loop_state`, so that a resumed run logs what an
+    uninterrupted one does.
     """
 
     shown: tuple[str, ...] = ("loss",)  # log entries shown beside the progress bar
@@ -322,34 +407,69 @@ class TrainLoop:
                                    workers=cfg.data_workers)
         self.stream = BatchStream(len(self.source), self.gens["data"])
         self.diffusion = self.dcfg.build().to(device)
+        # checked, rank-averaged losses since the last log line (CPU), and the loss of step 1
+        # that scales the explosion limit: both in the checkpoint (loop_state)
+        self.window, self.loss_reference = torch.zeros(0), None
 
     def restore(self, path: Path) -> int:
-        """Load a checkpoint into the run's objects (after checking it belongs to this run); its step."""
+        """Load a checkpoint into the run's objects (after checking it belongs to this run: the
+        same configs but for :data:`RESUMABLE_FIELDS`, and a step within ``cfg.steps``); its step."""
         ck = load_checkpoint(path)
-        for what, mine, theirs in (("model", self.model_config, ck.model_config),
-                                   ("diffusion", self.dcfg.to_dict(), ck.diffusion_config.to_dict())):
-            keys = sorted(set(mine) | set(theirs))
+        afresh = "resume=False (or a new out_dir) starts afresh"
+        for what, mine, theirs, free in (
+                ("model", self.model_config, ck.model_config, ()),
+                ("diffusion", self.dcfg.to_dict(), ck.diffusion_config.to_dict(), ()),
+                ("train", self.cfg.to_dict(), ck.train_config.to_dict(), RESUMABLE_FIELDS)):
+            keys = sorted((set(mine) | set(theirs)) - set(free))
             diff = {k: (theirs.get(k), mine.get(k)) for k in keys if mine.get(k) != theirs.get(k)}
             if diff:
+                may = f" (a resumed run may change only {', '.join(free)})" if free else ""
                 raise CheckpointError(f"{ck.path / 'config.json'}: the checkpoint's {what} config differs from this "
-                                      f"run's, {{key: (checkpoint, run)}} = {diff}; resume=False starts afresh")
+                                      f"run's, {{key: (checkpoint, run)}} = {diff}{may}; {afresh}")
+        if ck.step > self.cfg.steps:
+            raise CheckpointError(f"{ck.path / 'config.json'}: the checkpoint is at step {ck.step}, past this run's "
+                                  f"steps={self.cfg.steps}; raise steps to train on, or {afresh}")
         load_state_dict(self.model, ck.model, ck.path / "model.safetensors")
         load_state_dict(self.ema, ck.ema, ck.path / "ema.safetensors")
+        try:
+            self.load_loop_state(ck.state)
+        except (KeyError, ValueError, TypeError) as e:
+            raise CheckpointError(f"{ck.path / 'state.json'}: the loop state does not fit this run "
+                                  f"({type(e).__name__}: {e})") from None
         try:
             self.optimizer.load_state_dict(ck.optimizer)
             for name, g in self.gens.items():
                 if name != "data":
                     g.set_state(ck.rng[name])
-            self.stream.load_state(ck.rng["data"], int(ck.state["data_pos"]))
+            self.stream.load_state(ck.rng["data"], ck.state["data_pos"])
             torch.set_rng_state(ck.rng["torch"])  # the forked global RNG of dropout (see run)
             if "cuda" in ck.rng and self.cuda:
                 torch.cuda.set_rng_state(ck.rng["cuda"], self.device)
         except (KeyError, ValueError, RuntimeError, TypeError) as e:
             raise CheckpointError(f"{ck.path / 'state.safetensors'}: optimizer or RNG state does not fit this run "
                                   f"({type(e).__name__}: {e})") from None
-        for group in self.optimizer.param_groups:  # this run's config wins over the checkpoint's
-            group["weight_decay"] = self.cfg.weight_decay
         return ck.step
+
+    def loop_state(self) -> dict[str, Any]:
+        """The loop's own JSON state in a checkpoint (``state.json``'s ``"loop"``), written after
+        :meth:`check_divergence` (nothing is pending): the data stream's position in its pass,
+        the checked losses since the last log line (float32 values, exact as JSON doubles) and
+        the loss of step 1. A subclass adds its log accumulators (calling super)."""
+        return {"data_pos": self.stream.pos, "loss_window": self.window.tolist(),
+                "loss_reference": self.loss_reference}
+
+    def load_loop_state(self, state: dict[str, Any]) -> None:
+        """Validate and take back :meth:`loop_state` (the data position is applied with the data
+        generator's state by :meth:`restore`); ValueError/TypeError/KeyError on a malformed one."""
+        pos, window, reference = state["data_pos"], state["loss_window"], state["loss_reference"]
+        if type(pos) is not int or not 0 <= pos <= len(self.source):
+            raise ValueError(f"data_pos {pos!r} is not an int in [0, {len(self.source)}] (the examples per pass)")
+        real = (int, float)
+        if not (isinstance(window, list) and all(isinstance(v, real) and not isinstance(v, bool) for v in window)):
+            raise TypeError(f"loss_window must be a list of numbers, got {window!r}")
+        if not (isinstance(reference, real) and not isinstance(reference, bool) and math.isfinite(reference)):
+            raise TypeError(f"loss_reference must be a finite number, got {reference!r}")
+        self.window, self.loss_reference = torch.tensor(window, dtype=torch.float32), float(reference)
 
     def start(self) -> None:
         """Before the first step: the log trimmed to the resumed step, DDP and the CUDA-only
@@ -374,8 +494,11 @@ class TrainLoop:
         from tqdm.auto import tqdm
 
         self.bar = tqdm(total=cfg.steps, initial=self.step, unit="step", disable=not (self.progress and info.is_main))
-        self.pending: list[Tensor] = []  # per-step losses not yet checked (checking syncs the device)
-        self.tick, self.grad_norm = time.perf_counter(), None
+        # per-step losses and gradient norms not yet checked (checking syncs the device)
+        self.pending: list[Tensor] = []
+        self.pending_norms: list[Tensor] = []
+        # steps_per_sec counts the steps timed by this process (not those before a resume)
+        self.tick, self.timed_steps, self.grad_norm = time.perf_counter(), 0, None
         self.model.train()
 
     # --- one step ----------------------------------------------------------------------------
@@ -388,7 +511,10 @@ class TrainLoop:
             loss = self.compute_loss(x0, y)
         self.grad_norm = optimizer_step(self.model, self.ema, self.optimizer, loss, step=self.step, cfg=self.cfg)
         self.step += 1
+        self.timed_steps += 1
         self.pending.append(loss.detach().float())
+        if self.grad_norm is not None:
+            self.pending_norms.append(self.grad_norm.detach().float())
         self.bar.update(1)
 
     def next_batch(self) -> tuple[Tensor, Tensor | None]:
@@ -417,8 +543,8 @@ class TrainLoop:
 
     def after_step(self) -> None:
         """Every ``log_every`` steps a log line, when :meth:`evaluation_due` an evaluation, every
-        ``checkpoint_every`` steps a checkpoint (all three at the last step); a non-finite loss
-        stops the run before anything is written."""
+        ``checkpoint_every`` steps a checkpoint (all three at the last step); divergence
+        (:meth:`check_divergence`) stops the run before anything is written."""
         cfg, step = self.cfg, self.step
         last = step == cfg.steps
         do_log = step % cfg.log_every == 0 or last
@@ -426,7 +552,7 @@ class TrainLoop:
         do_ckpt = (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or last
         if not (do_log or do_eval or do_ckpt):
             return
-        window = self.check_losses()
+        window = self.check_divergence()
         record: dict[str, Any] = {"step": step}
         if do_log:
             record.update(self.log_entries(window))
@@ -440,28 +566,53 @@ class TrainLoop:
         if do_ckpt and self.info.is_main:
             self.save()
 
-    def check_losses(self) -> Tensor:
-        """The rank-averaged losses of the steps not yet checked; raises on the first non-finite one."""
-        losses = distributed.mean_across_ranks(torch.stack(self.pending), self.info).cpu()
-        bad = (~torch.isfinite(losses)).nonzero()
-        if len(bad):
-            i = int(bad[0])
-            raise TrainingDivergedError(f"training diverged: the loss at step {self.step - len(losses) + i + 1} is "
-                                        f"{losses[i].item()} (no checkpoint was written after it); lower lr, "
-                                        f"set grad_clip or check the data")
-        return losses
+    def check_divergence(self) -> Tensor:
+        """The checked losses since the last log line (rank-averaged, on the CPU), after checking
+        in ONE device sync the steps since the last check: each loss finite and at most
+        :data:`EXPLOSION_FACTOR` x max(1, the loss of step 1), each gradient norm (with
+        ``grad_clip``) finite, and the model and EMA weights finite now. Raises
+        :class:`TrainingDivergedError` on the first failure, naming its step."""
+        n, m = len(self.pending), len(self.pending_norms)
+        parts = [distributed.mean_across_ranks(torch.stack(self.pending), self.info)]
+        if m:
+            parts.append(torch.stack(self.pending_norms))
+        parts.append(torch.stack([_all_finite(self.model, self.device), _all_finite(self.ema, self.device)]).float())
+        host = torch.cat(parts).cpu()  # the one sync
+        losses, norms, (model_ok, ema_ok) = host[:n], host[n:n + m], host[n + m:].tolist()
+        self.pending, self.pending_norms = [], []
+        first = self.step - n + 1  # the step of losses[0] (and of norms[0]: m is 0 or n)
+        if self.loss_reference is None and math.isfinite(losses[0].item()):
+            self.loss_reference = losses[0].item()
+        limit = EXPLOSION_FACTOR * max(1.0, self.loss_reference or 0.0)
+        bad_loss = (~torch.isfinite(losses) | (losses > limit)).nonzero().flatten().tolist()
+        bad_norm = (~torch.isfinite(norms)).nonzero().flatten().tolist()
+        if bad_loss and (not bad_norm or bad_loss[0] <= bad_norm[0]):  # a step's loss comes before its gradient
+            i = bad_loss[0]
+            value = losses[i].item()
+            if not math.isfinite(value):
+                raise _diverged(f"the loss at step {first + i} is {value}")
+            raise _diverged(f"the loss at step {first + i} is {value:.4g}, over loop.EXPLOSION_FACTOR = "
+                            f"{EXPLOSION_FACTOR:.0e} x max(1, the loss of step 1 = {self.loss_reference:.4g})")
+        if bad_norm:
+            raise _diverged(f"the gradient norm at step {first + bad_norm[0]} is {norms[bad_norm[0]].item()}")
+        if not (model_ok and ema_ok):
+            raise _diverged(f"the {'model' if not model_ok else 'EMA'} weights after step {self.step} are not finite "
+                            f"(a non-finite gradient since step {first})")
+        self.window = torch.cat([self.window, losses])
+        return self.window
 
     def log_entries(self, window: Tensor) -> dict[str, Any]:
         """The log line's entries over the ``window`` of steps since the last line: mean ``loss``,
-        the ``lr`` and ``ema_decay`` of the last update, ``steps_per_sec`` and ``grad_norm``
-        (before clipping). Starts the next window."""
+        the ``lr`` and ``ema_decay`` of the last update, ``steps_per_sec`` (over the steps this
+        process ran: a timing entry, :data:`TIMING_KEYS`) and ``grad_norm`` (before clipping;
+        with ``grad_clip`` only). Starts the next window."""
         cfg, now = self.cfg, time.perf_counter()
         entries = {"loss": window.mean().item(), "lr": lr_at(self.step - 1, cfg),
-                   "steps_per_sec": len(window) / (now - self.tick),
+                   "steps_per_sec": self.timed_steps / (now - self.tick),
                    "ema_decay": ema_decay(cfg.ema_decay, self.step, cfg.ema_warmup)}
         if self.grad_norm is not None:
             entries["grad_norm"] = self.grad_norm.item()
-        self.pending, self.tick = [], now
+        self.window, self.tick, self.timed_steps = torch.zeros(0), now, 0
         return entries
 
     def evaluation_due(self, last: bool) -> bool:
@@ -474,10 +625,11 @@ class TrainLoop:
         return {}
 
     def log(self, record: dict[str, Any]) -> None:
-        """Append one JSON line to ``out_dir/log.jsonl`` (rank 0)."""
+        """Append one line of strict JSON to ``out_dir/log.jsonl`` (rank 0); a non-finite value
+        (e.g. a metric of a collapsed sample grid) is written as null."""
         if self.info.is_main:
             with self.log_path.open("a") as f:
-                f.write(json.dumps(record) + "\n")
+                f.write(json.dumps(_finite_or_null(record), allow_nan=False) + "\n")
 
     def rng_states(self) -> dict[str, Tensor]:
         """Every RNG state of the run, by name: the generators, the data pass, the (forked) global RNG."""
@@ -488,8 +640,13 @@ class TrainLoop:
         return rng
 
     def save(self) -> Path:
-        """Write the atomic checkpoint of the state after ``step`` updates (``ddpm_lib.checkpoint``)."""
+        """Write the atomic checkpoint of the state after ``step`` updates (``ddpm_lib.checkpoint``),
+        after flushing the log to disk: a checkpoint that survives a power cut finds every log
+        line up to its step beside it."""
+        if self.log_path.exists():
+            with self.log_path.open("a") as f:
+                os.fsync(f.fileno())
         return save_checkpoint(self.out_dir, step=self.step, model_config=self.model_config,
                                diffusion_config=self.dcfg, train_config=self.cfg, model=self.model.state_dict(),
                                ema=self.ema.state_dict(), optimizer=self.optimizer.state_dict(),
-                               rng=self.rng_states(), state={"data_pos": self.stream.pos})
+                               rng=self.rng_states(), state=self.loop_state())

@@ -27,7 +27,7 @@ if TYPE_CHECKING:
 
 __all__ = ["LOSSES", "mean_flat", "vb_terms", "training_losses", "prior_bpd", "nll_bits_per_dim", "eps_vlb_weight"]
 
-LOSSES = ("simple", "hybrid", "vlb")
+LOSSES = ("simple", "hybrid", "vlb", "huber")
 
 
 def mean_flat(x: Tensor) -> Tensor:
@@ -95,6 +95,7 @@ def training_losses(
     prediction: str = "eps",
     variance: str = "fixed_small",
     vlb_weight: float = 1e-3,
+    huber_delta: float = 1.0,
     num_levels: int = 256,
     model_kwargs: dict | None = None,
     generator: torch.Generator | None = None,
@@ -118,7 +119,11 @@ def training_losses(
       with T * vb the one-sample estimate of L_vlb, so ``vlb_weight`` is the paper's lambda =
       0.001). In the hybrid loss vb sees the model's prediction channels DETACHED (stop-gradient,
       improved DDPM sec. 3.1): it trains only the variance; with a fixed variance it then
-      carries no gradient at all and is only a diagnostic.
+      carries no gradient at all and is only a diagnostic. ``"huber"`` -> the Huber loss of the
+      same error, mean over dimensions: e^2 / 2 where |e| <= ``huber_delta``, else
+      delta (|e| - delta / 2) (Huber 1964, "Robust estimation of a location parameter"). Its
+      minimiser over a posterior is between the mean (small errors) and the median (large
+      ones), while L_simple's is the posterior mean (book chapter 7). Also returned as ``"huber"``.
 
     A ``learned_range`` variance must be trained with ``"hybrid"`` or ``"vlb"``: L_simple
     never sees the variance channels.
@@ -129,9 +134,9 @@ def training_losses(
     check_choice("loss", loss, LOSSES)
     check_choice("prediction", prediction, PREDICTIONS)
     check_choice("variance", variance, VARIANCES)
-    if variance == "learned_range" and loss == "simple":
+    if variance == "learned_range" and loss in ("simple", "huber"):
         raise ValueError(
-            "learned_range variance needs loss='hybrid' or 'vlb': the simple loss never trains the variance"
+            "learned_range variance needs loss='hybrid' or 'vlb': the simple and huber losses never train the variance"
         )
     if noise is None:
         if generator is None:
@@ -165,10 +170,16 @@ def training_losses(
         total = mse + vlb_weight * diffusion.T * vb
     else:
         total = mse
+        if loss == "huber":
+            if not huber_delta > 0:
+                raise ValueError(f"huber_delta must be > 0, got {huber_delta}")
+            total = mean_flat(torch.nn.functional.huber_loss(pred, target, reduction="none", delta=huber_delta))
+        extra = {"huber": total} if loss == "huber" else {}
         if not return_vb:
-            return {"loss": total, "mse": mse}
+            return {"loss": total, "mse": mse, **extra}
         with torch.no_grad():
             vb = vb_of(model_output.detach())
+        return {"loss": total, "mse": mse, "vb": vb, **extra}
     return {"loss": total, "mse": mse, "vb": vb}
 
 

@@ -48,6 +48,7 @@ __all__ = [
     "ddim_sample",
     "ddim_invert",
     "dpm_solver_pp_sample",
+    "heun_sample",
     "StepInfo",
     "alpha_bar_at",
     "initial_noise",
@@ -162,6 +163,18 @@ def _plan(model, diffusion, steps, spacing, timesteps, prediction, model_kwargs,
     return _Plan(grid, model_t, alpha_bar, resolve_prediction(model, prediction), kwargs, in_dtype)
 
 
+def _start(model, diffusion, shape, x_T, generator, dtype, steps, spacing, timesteps, prediction, model_kwargs, y,
+           default_steps: int | None, *, ode_solver: str | None = None) -> tuple[Tensor, _Plan]:
+    """x_T and the plan of a sampler. An ODE solver (``ode_solver`` names it) needs a finite
+    log-SNR at the grid's first point, which zero terminal SNR (alpha_bar = 0) does not have."""
+    x = initial_noise(model, shape, x_T, generator, diffusion, _state_dtype(model, x_T, dtype))
+    plan = _plan(model, diffusion, steps, spacing, timesteps, prediction, model_kwargs, y, x.dtype, default_steps)
+    if ode_solver is not None and plan.alpha_bar[-1] <= 0:
+        raise ValueError(f"{ode_solver}: alpha_bar at the grid's first point is 0 (zero terminal SNR), so its "
+                         f"log-SNR is -inf; start the grid below T - 1 or sample with DDIM")
+    return x, plan
+
+
 def _denoise(model, plan: _Plan, x: Tensor, i: int, clip: bool) -> tuple[Tensor, Tensor]:
     r"""(eps_hat, x0_hat) at grid point ``i``, in float32 or better: the model called with the
     ORIGINAL timestep (pitfall 10), its output read through ``predictions`` (one conversion)."""
@@ -173,17 +186,47 @@ def _denoise(model, plan: _Plan, x: Tensor, i: int, clip: bool) -> tuple[Tensor,
     return eps_x0_from_prediction(pred, xc, math.sqrt(ab), math.sqrt(1 - ab), plan.prediction, clip)
 
 
-def _recorder(callback, return_trajectory: bool, x: Tensor):
-    """(callback to call, trajectory list or None): ``return_trajectory`` as sugar over callbacks."""
-    trajectory = [x] if return_trajectory else None
+class _FiniteWatch:
+    """Remembers, on the device, the first step whose output was not finite; read once at the end
+    (one host read per sampling call, none per step)."""
 
-    def call(info: StepInfo) -> None:
-        if trajectory is not None:
-            trajectory.append(info.x)
-        if callback is not None:
-            callback(info)
+    def __init__(self, x: Tensor):
+        self.first_bad = torch.where(torch.isfinite(x).all(), -1, 0).to(device=x.device)
+        self.step = 0
 
-    return call, trajectory
+    def update(self, x: Tensor) -> None:
+        self.step += 1
+        ok = torch.isfinite(x).all()
+        self.first_bad = torch.where((self.first_bad < 0) & ~ok, self.step, self.first_bad)
+
+    def check(self, name: str) -> None:
+        first = int(self.first_bad)
+        if first == 0:
+            raise ValueError(f"{name}: the starting point (x_T; x0 for ddim_invert) is not finite (NaN or inf)")
+        if first > 0:
+            raise ValueError(f"{name}: the samples became non-finite (NaN or inf) at step {first} of {self.step}: "
+                             f"the model returned NaN/inf, or its output exploded")
+
+
+class _Steps:
+    """What every sampler does after a step: watch for non-finite values, call the callback, keep
+    the trajectory if asked (``return_trajectory`` is sugar over the callback); and at the end
+    check once and return ``x`` or ``(x, trajectory)``."""
+
+    def __init__(self, callback, return_trajectory: bool, x: Tensor):
+        self.callback, self.watch = callback, _FiniteWatch(x)
+        self.trajectory = [x] if return_trajectory else None
+
+    def after(self, info: StepInfo) -> None:
+        self.watch.update(info.x)
+        if self.trajectory is not None:
+            self.trajectory.append(info.x)
+        if self.callback is not None:
+            self.callback(info)
+
+    def result(self, name: str, x: Tensor):
+        self.watch.check(name)
+        return x if self.trajectory is None else (x, self.trajectory)
 
 
 def _maybe_tqdm(iterable, progress: bool, total: int):
@@ -261,11 +304,11 @@ def ddpm_sample(model, diffusion, shape, *, steps=None, spacing="trailing", time
     Returns x0 [shape] (and the trajectory [x_T, ..., x0] if asked). See the module for the rest.
     """
     variance = resolve_variance(model, variance)
-    x = initial_noise(model, shape, x_T, generator, diffusion, _state_dtype(model, x_T, dtype))
-    plan = _plan(model, diffusion, steps, spacing, timesteps, prediction, model_kwargs, y, x.dtype)
+    x, plan = _start(model, diffusion, shape, x_T, generator, dtype, steps, spacing, timesteps, prediction,
+                     model_kwargs, y, None)
     if len(plan.grid) < diffusion.T:
         diffusion = diffusion.respace(plan.grid)
-    on_step, trajectory = _recorder(callback, return_trajectory, x)
+    record = _Steps(callback, return_trajectory, x)
 
     def net(x_in: Tensor, t: Tensor, **kwargs) -> Tensor:  # the state stays in its dtype; the net gets its own
         return model(x_in.to(plan.in_dtype), t, **kwargs)
@@ -282,8 +325,8 @@ def ddpm_sample(model, diffusion, shape, *, steps=None, spacing="trailing", time
             z = standard_normal(x.shape, generator, dtype=x.dtype, device=x.device)
             x_next = x_next + (0.5 * out["log_variance"]).exp() * z
         x = x_next.to(x.dtype)
-        on_step(StepInfo(n, plan.model_t[index], x, out["pred_x0"]))
-    return (x, trajectory) if return_trajectory else x
+        record.after(StepInfo(n, plan.model_t[index], x, out["pred_x0"]))
+    return record.result("ddpm_sample", x)
 
 
 @torch.no_grad()
@@ -300,22 +343,23 @@ def ddim_sample(model, diffusion, shape, *, steps=None, spacing="trailing", time
     (eps, x0, v) is converted to eps and x0 (``ddpm_lib.predictions``); a learned-variance
     model's variance channels are unused. Returns x0 (and the trajectory if asked).
     """
-    if eta < 0:
-        raise ValueError(f"eta must be >= 0, got {eta}")
-    x = initial_noise(model, shape, x_T, generator, diffusion, _state_dtype(model, x_T, dtype))
-    plan = _plan(model, diffusion, steps, spacing, timesteps, prediction, model_kwargs, y, x.dtype, 50)
+    if not 0 <= eta <= 1:  # also refuses NaN
+        raise ValueError(f"eta must lie in [0, 1] (0: deterministic DDIM, 1: DDPM's variance), got {eta}; above 1 "
+                         f"sigma_t^2 can exceed 1 - alpha_bar_(t-1), where DDIM's eq. 12 has no real solution")
+    x, plan = _start(model, diffusion, shape, x_T, generator, dtype, steps, spacing, timesteps, prediction,
+                     model_kwargs, y, 50)
     ab = plan.alpha_bar
     ab_prev = [1.0] + ab[:-1]
     sigmas = [ddim_sigma(a, p, eta) for a, p in zip(ab, ab_prev)]
-    on_step, trajectory = _recorder(callback, return_trajectory, x)
+    record = _Steps(callback, return_trajectory, x)
     for n, i in enumerate(_maybe_tqdm(reversed(range(len(ab))), progress, len(ab))):
         # 1. predict eps and x0 at the kept timestep
         eps, x0 = _denoise(model, plan, x, i, clip_denoised)
         # 2. jump to the previous kept timestep (eq. 12)
         noise = standard_normal(x.shape, generator, dtype=x.dtype, device=x.device) if sigmas[i] > 0 else None
         x = ddim_step(x0, eps, ab_prev[i], sigmas[i], noise).to(x.dtype)
-        on_step(StepInfo(n, plan.model_t[i], x, x0))
-    return (x, trajectory) if return_trajectory else x
+        record.after(StepInfo(n, plan.model_t[i], x, x0))
+    return record.result("ddim_sample", x)
 
 
 @torch.no_grad()
@@ -333,7 +377,7 @@ def ddim_invert(model, diffusion, x0, *, steps=None, spacing="trailing", timeste
     x = x0
     plan = _plan(model, diffusion, steps, spacing, timesteps, prediction, model_kwargs, y, x.dtype, 50)
     ab = plan.alpha_bar
-    on_step, trajectory = _recorder(callback, return_trajectory, x)
+    record = _Steps(callback, return_trajectory, x)
     xc_prev_ab = 1.0
     for i in _maybe_tqdm(range(len(ab)), progress, len(ab)):
         # eps at the current point, TARGET timestep; x0 recovered with the CURRENT alpha_bar
@@ -341,8 +385,8 @@ def ddim_invert(model, diffusion, x0, *, steps=None, spacing="trailing", timeste
         x0_hat = x0_from_eps(x.to(eps.dtype), eps, math.sqrt(xc_prev_ab), math.sqrt(1 - xc_prev_ab))
         x = ddim_step(x0_hat, eps, ab[i], 0.0, None).to(x.dtype)
         xc_prev_ab = ab[i]
-        on_step(StepInfo(i, plan.model_t[i], x, x0_hat))
-    return (x, trajectory) if return_trajectory else x
+        record.after(StepInfo(i, plan.model_t[i], x, x0_hat))
+    return record.result("ddim_invert", x)
 
 
 @torch.no_grad()
@@ -364,13 +408,10 @@ def dpm_solver_pp_sample(model, diffusion, shape, *, steps=None, order=2, spacin
     """
     if order not in (1, 2):
         raise ValueError(f"order must be 1 or 2 (DPM-Solver++ 1 = DDIM, 2 = 2M), got {order!r}")
-    x = initial_noise(model, shape, x_T, generator, diffusion, _state_dtype(model, x_T, dtype))
-    plan = _plan(model, diffusion, steps, spacing, timesteps, prediction, model_kwargs, y, x.dtype, 20)
+    x, plan = _start(model, diffusion, shape, x_T, generator, dtype, steps, spacing, timesteps, prediction,
+                     model_kwargs, y, 20, ode_solver="dpm_solver_pp_sample")
     ab = plan.alpha_bar
-    if ab[-1] <= 0:
-        raise ValueError("alpha_bar at the grid's first point is 0 (zero terminal SNR): its log-SNR is -inf; "
-                         "start the grid below T - 1 or sample with DDIM")
-    on_step, trajectory = _recorder(callback, return_trajectory, x)
+    record = _Steps(callback, return_trajectory, x)
     x0_prev, h_prev = None, None
     for n, i in enumerate(_maybe_tqdm(reversed(range(len(ab))), progress, len(ab))):
         # 1. data prediction x0_hat at t_i
@@ -384,5 +425,42 @@ def dpm_solver_pp_sample(model, diffusion, shape, *, steps=None, order=2, spacin
             ratio = math.sqrt((1 - ab[i - 1]) / (1 - ab[i]))
             x = (ratio * x.to(x0.dtype) - math.sqrt(ab[i - 1]) * math.expm1(-h) * d).to(x.dtype)
             x0_prev, h_prev = x0, h
-        on_step(StepInfo(n, plan.model_t[i], x, x0))
-    return (x, trajectory) if return_trajectory else x
+        record.after(StepInfo(n, plan.model_t[i], x, x0))
+    return record.result("dpm_solver_pp_sample", x)
+
+
+@torch.no_grad()
+def heun_sample(model, diffusion, shape, *, steps=None, spacing="trailing", timesteps=None, prediction=None,
+                clip_denoised=False, generator=None, dtype=None, model_kwargs=None, y=None, callback=None, x_T=None,
+                progress=False, return_trajectory=False):
+    r"""Heun's second-order method on the probability-flow ODE (Karras et al. 2022, arXiv 2206.00364,
+    Algorithm 1 with S_churn = 0; book chapter 9).
+
+    In the variables :math:`\tilde x = x/\sqrt{\bar\alpha}` and :math:`\sigma = \sqrt{(1-\bar\alpha)/\bar\alpha}`
+    the ODE of deterministic DDIM (Song et al. 2020, Eq. (14)) is :math:`d\tilde x/d\sigma = \varepsilon(x, t)`.
+    Each step from :math:`\sigma_i` to :math:`\sigma_{i+1}` takes an Euler step with the slope
+    :math:`d_i = \hat\varepsilon(x_i, t_i)`, evaluates the slope :math:`d'` at its end, and moves with
+    the average :math:`(d_i + d')/2` (the trapezoidal correction). From the last grid point the step
+    to :math:`\sigma = 0` is Euler, i.e. x0_hat there (as in DDIM). The grid is the samplers' common
+    one (default 10 points: 19 network evaluations, 2 per step but the last). ``callback`` sees
+    each grid step; its ``x0_hat`` is the one made at the step's start. Deterministic given ``x_T``.
+    """
+    x, plan = _start(model, diffusion, shape, x_T, generator, dtype, steps, spacing, timesteps, prediction,
+                     model_kwargs, y, 10, ode_solver="heun_sample")
+    ab = plan.alpha_bar
+    sigma = [math.sqrt((1 - a) / a) for a in ab]
+    record = _Steps(callback, return_trajectory, x)
+    for n, i in enumerate(_maybe_tqdm(reversed(range(len(ab))), progress, len(ab))):
+        eps, x0 = _denoise(model, plan, x, i, clip_denoised)
+        if i == 0:
+            x = x0.to(x.dtype)  # the Euler step to sigma = 0 lands on x0_hat
+        else:
+            ds = sigma[i - 1] - sigma[i]
+            x_tilde = x.to(eps.dtype) / math.sqrt(ab[i])
+            # 1. Euler predictor to sigma_{i+1}, back in x's scale for the network
+            x_euler = (x_tilde + ds * eps) * math.sqrt(ab[i - 1])
+            eps_end, _ = _denoise(model, plan, x_euler.to(x.dtype), i - 1, clip_denoised)
+            # 2. trapezoidal corrector with the mean of the two slopes
+            x = ((x_tilde + ds * 0.5 * (eps + eps_end)) * math.sqrt(ab[i - 1])).to(x.dtype)
+        record.after(StepInfo(n, plan.model_t[i], x, x0))
+    return record.result("heun_sample", x)

@@ -20,15 +20,22 @@ crash or stop + resume to N give bit-identical weights, EMA and optimiser; sampl
 no number); **the caller's RNG is untouched** (initialisation and dropout use a forked global
 RNG seeded by ``seed``, everything else seeded generators); **the data order replaces
 DataLoader + DistributedSampler** (a checkpointed index stream; W ranks equal one process);
-**divergence stops the run** (:class:`TrainingDivergedError` before any later checkpoint);
-**rank 0 writes**; **CUDA only**: ``bf16``, ``channels_last`` and ``torch.compile`` (on the
-CPU bf16 and channels_last do nothing, ``compile`` warns that it is ignored).
+**divergence stops the run** (:class:`TrainingDivergedError` before any later checkpoint, on
+a non-finite or exploded loss, a non-finite gradient norm or non-finite weights); **a resume
+continues the same run** (a changed train config is refused but for ``loop.RESUMABLE_FIELDS``);
+**the log survives crashes** (append-only, rewritten atomically on resume); **rank 0 writes**;
+**CUDA only**: ``bf16``, ``channels_last`` and ``torch.compile`` (on the CPU bf16 and
+channels_last do nothing, ``compile`` warns that it is ignored).
 
-The log ``out_dir/log.jsonl`` has one JSON object per line: every ``log_every`` steps
-``step, loss, lr, steps_per_sec, ema_decay`` (and ``grad_norm``, before clipping); at each
-sample grid ``samples`` (its path) and the metrics of ``sample_metrics``: by default, for 2-D
-data, the sliced Wasserstein distance of the samples to the training data and its
-real-vs-real floor at the same n (``sliced_wasserstein``, ``sliced_wasserstein_floor``).
+The log ``out_dir/log.jsonl`` has one strict-JSON object per line (no ``NaN``/``Infinity``
+tokens: a non-finite value is written as ``null``): every ``log_every`` steps
+``step, loss, lr, steps_per_sec, ema_decay`` (and ``grad_norm``, before clipping, when
+``grad_clip`` is set); at each sample grid ``samples`` (its path) and the metrics of
+``sample_metrics``: by default, for 2-D data, the sliced Wasserstein distance of the samples to
+the training data and its real-vs-real floor at the same n (``sliced_wasserstein``,
+``sliced_wasserstein_floor``). ``loss`` is the mean over the steps since the previous line.
+``steps_per_sec`` is the one timing entry (``loop.TIMING_KEYS``); every other value of a
+stopped-and-resumed run equals the uninterrupted run's (on the CPU).
 
 Step numbers count optimiser steps taken: "step 5" is the fifth update; a checkpoint at
 step k holds the state after k updates; the learning rate of the update k + 1 is ``lr_at(k)``.
@@ -188,12 +195,14 @@ def train(model_config, diffusion_config, train_config, data, *, out_dir, resume
         diffusion_config, train_config: ``DiffusionConfig`` / ``TrainConfig`` or their dicts.
         data: tensor [N, ...] in [-1, 1], a pair (x, labels [N]) or a Dataset of x or (x, label).
         resume: continue from ``out_dir``'s checkpoint if there is one (it must match the
-            model and diffusion configs; ``train_config.steps`` may grow).
+            model and diffusion configs, and the train config but for the fields of
+            ``loop.RESUMABLE_FIELDS``: ``steps``, the log / checkpoint / sample cadence, the
+            device and the like; a ``CheckpointError`` names what differs).
         sample_metrics: ``f(samples, labels or None) -> {name: float}``, called on each sample
             grid (every ``sample_every`` steps) and logged with it; default :func:`points_metrics`
             for 2-D tensor data, none otherwise (the CLI passes feature-space metrics for images).
     Returns a :class:`TrainResult` (its model and EMA carry the config's ``prediction`` and
-    ``variance``). Raises :class:`TrainingDivergedError` on a NaN/inf loss.
+    ``variance``). Raises :class:`TrainingDivergedError` when training diverges (``ddpm_lib.loop``).
     """
     return DenoiserLoop(model_config, diffusion_config, train_config, data, out_dir=out_dir, resume=resume,
                         progress=progress, sample_metrics=sample_metrics).run()

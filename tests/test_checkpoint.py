@@ -1,5 +1,6 @@
 """Checkpoints: atomic writes (a crash mid-save keeps the last good one), clear errors for
-missing, truncated, corrupt, foreign and mismatched checkpoints, no pickle, load_model."""
+missing, truncated, corrupt (config.json included), foreign and mismatched checkpoints, the
+step validated, permissions from the umask, no pickle, load_model."""
 
 from __future__ import annotations
 
@@ -45,6 +46,21 @@ def trained(tmp_path_factory) -> Path:
 
 def copy_of(trained: Path, tmp_path: Path) -> Path:
     return Path(shutil.copytree(trained / "checkpoint", tmp_path / "checkpoint"))
+
+
+def resign(path: Path) -> None:
+    """Record the files' current sizes and hashes in manifest.json: a consistent edit, to reach
+    the checks behind the integrity check."""
+    files = {f: {"bytes": (path / f).stat().st_size, "sha256": ckpt_mod.sha256_file(path / f)}
+             for f in json.loads((path / "manifest.json").read_text())["files"]}
+    (path / "manifest.json").write_text(json.dumps({"format": ckpt_mod.FORMAT, "files": files}))
+
+
+def edit_config(path: Path, sign: bool = True, **changes) -> None:
+    config = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**config, **changes}))
+    if sign:
+        resign(path)
 
 
 def raised(path) -> CheckpointError:
@@ -152,13 +168,10 @@ def test_truncated_weights(trained, tmp_path):
 
 
 def test_garbage_safetensors_with_a_matching_manifest(trained, tmp_path):
-    """Even when config.json vouches for the file, a non-safetensors file is named as such."""
+    """Even when manifest.json vouches for the file, a non-safetensors file is named as such."""
     path = copy_of(trained, tmp_path)
-    garbage = path / "state.safetensors"
-    garbage.write_bytes(b"\x80\x04not a safetensors file")
-    config = json.loads((path / "config.json").read_text())
-    config["files"]["state.safetensors"] = {"bytes": garbage.stat().st_size, "sha256": ckpt_mod.sha256_file(garbage)}
-    (path / "config.json").write_text(json.dumps(config))
+    (path / "state.safetensors").write_bytes(b"\x80\x04not a safetensors file")
+    resign(path)
     err = raised(path)
     assert "state.safetensors" in err.problem and "not a valid safetensors file" in err.problem
 
@@ -170,6 +183,7 @@ def test_garbage_safetensors_with_a_matching_manifest(trained, tmp_path):
 ])
 def test_foreign_config(trained, tmp_path, content, needle):
     path = copy_of(trained, tmp_path)
+    (path / "manifest.json").unlink()  # a foreign folder has no manifest: judged by config.json's content
     (path / "config.json").write_text(content)
     err = raised(path)
     assert "config.json" in err.problem and needle in err.problem
@@ -178,10 +192,76 @@ def test_foreign_config(trained, tmp_path, content, needle):
 def test_wrong_format_version_and_invalid_configs(trained, tmp_path):
     path = copy_of(trained, tmp_path)
     good = json.loads((path / "config.json").read_text())
-    (path / "config.json").write_text(json.dumps({**good, "format_version": 99}))
+    edit_config(path, format_version=99)
     assert "format_version 99" in raised(path).problem
-    (path / "config.json").write_text(json.dumps({**good, "train": {**good["train"], "stepz": 1}}))
+    edit_config(path, format_version=1)  # the format before manifest.json covered config.json
+    assert "format_version 1 is not supported (written by an older ddpm_lib" in raised(path).problem
+    edit_config(path, format_version=2, train={**good["train"], "stepz": 1})
     assert "stepz" in raised(path).problem
+    (path / "manifest.json").unlink()
+    assert "manifest.json: missing" in raised(path).problem
+
+
+@pytest.mark.parametrize("how", ["tampered", "truncated", "replaced by valid JSON"])
+def test_a_changed_config_json_is_caught_by_the_manifest(trained, tmp_path, how):
+    """manifest.json records config.json's size and SHA-256 like the weights': a changed step or
+    config (that would otherwise load) is named, by read_config too."""
+    path = copy_of(trained, tmp_path)
+    text = (path / "config.json").read_text()
+    if how == "tampered":  # same size, another step: only the hash can tell
+        changed = text.replace('"step": 3', '"step": 2')
+        assert changed != text and len(changed) == len(text)
+    elif how == "truncated":
+        changed = text[: len(text) // 2]
+    else:
+        changed = json.dumps({**json.loads(text), "step": 1})
+    (path / "config.json").write_text(changed)
+    err = raised(path)
+    needle = "SHA-256 differs" if how == "tampered" else "truncated or replaced"
+    assert err.problem.startswith("<ckpt>/config.json: ") and needle in err.problem, err.problem
+    with pytest.raises(CheckpointError, match="config.json"):
+        read_config(path)
+
+
+@pytest.mark.parametrize("step", [3.5, 1e9, 3.0, True, -1, "3", None, 4])
+def test_the_step_is_an_int_within_the_runs_steps(trained, tmp_path, step):
+    """A step that is no int (3.5 would run fractional steps; JSON's 1e9 is a float), negative, or
+    past train.steps (here 3) is refused, even in a consistently edited checkpoint."""
+    path = copy_of(trained, tmp_path)
+    edit_config(path, step=step)
+    assert f"step {step!r} is not an int in [0, train.steps = 3]" in raised(path).problem
+    with pytest.raises(CheckpointError, match="is not an int"):
+        read_config(path)
+
+
+def test_config_and_state_must_agree_on_the_step(trained, tmp_path):
+    path = copy_of(trained, tmp_path)
+    edit_config(path, step=2)
+    err = raised(path)
+    assert err.problem == "<ckpt>/state.json: records step 3, config.json step 2", err.problem
+    assert load_checkpoint(path, training_state=False).step == 2  # sampling reads no state.json
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077, 0o002])
+def test_files_and_folders_get_the_permissions_the_umask_asks_for(tmp_path, umask):
+    """0o777 & ~umask for folders, 0o666 & ~umask for files: not the 0o700 of tempfile.mkdtemp
+    nor the 0o600 of safetensors' save_file; the log's atomic rewrite too."""
+    from ddpm_lib.checkpoint import write_atomic
+
+    old = os.umask(umask)
+    try:
+        fake_save(tmp_path / "out", 1)
+        fake_save(tmp_path / "out", 2)  # the second save swaps the folders
+        write_atomic(tmp_path / "out" / "log.jsonl", "{}\n")
+    finally:
+        os.umask(old)
+    ckpt = tmp_path / "out" / "checkpoint"
+    assert oct(ckpt.stat().st_mode & 0o777) == oct(0o777 & ~umask)
+    names = sorted(p.name for p in ckpt.iterdir())
+    assert names == ["config.json", "ema.safetensors", "manifest.json", "model.safetensors", "state.json",
+                     "state.safetensors"]
+    for f in [*ckpt.iterdir(), tmp_path / "out" / "log.jsonl"]:
+        assert oct(f.stat().st_mode & 0o777) == oct(0o666 & ~umask), f.name
 
 
 def test_not_a_checkpoint_at_all(tmp_path):

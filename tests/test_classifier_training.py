@@ -66,6 +66,38 @@ def test_resume_is_exact(digits, tmp_path):
         assert all(torch.equal(a[k], b[k]) for k in a), f"{name} differs after resume"
 
 
+def test_a_resumed_runs_log_equals_the_uninterrupted_one(digits, tmp_path, monkeypatch):
+    """The checkpoint at step 6 lies inside the window of the log line at 10: the accuracy summed
+    since the line at 5 (train_acc's accumulator) and the losses of that window are in the
+    checkpoint, so after a crash during step 8 and a resume the log is the uninterrupted one's,
+    all but the timing entries."""
+    import json
+
+    from ddpm_lib.classifier_training import ClassifierLoop
+    from ddpm_lib.loop import TIMING_KEYS
+
+    (x, y), _ = digits
+    x, y = x[:200], y[:200]
+    cfg = TrainConfig(steps=10, batch_size=16, lr=1e-3, ema_decay=0.9, log_every=5, checkpoint_every=3, seed=1)
+    train_classifier(SMALL_NC, cfg, (x, y), out_dir=tmp_path / "straight", progress=False)
+    real = ClassifierLoop.compute_loss
+
+    def killed_during_step_8(self, x0, y):
+        if self.step == 7:
+            raise KeyboardInterrupt("killed (simulated)")
+        return real(self, x0, y)
+
+    with monkeypatch.context() as m:
+        m.setattr(ClassifierLoop, "compute_loss", killed_during_step_8)
+        with pytest.raises(KeyboardInterrupt):
+            train_classifier(SMALL_NC, cfg, (x, y), out_dir=tmp_path / "resumed", progress=False)
+    train_classifier(SMALL_NC, cfg, (x, y), out_dir=tmp_path / "resumed", progress=False)
+    logs = [[{k: v for k, v in json.loads(line).items() if k not in TIMING_KEYS}
+             for line in (tmp_path / run / "log.jsonl").read_text().splitlines()] for run in ("straight", "resumed")]
+    assert [r["step"] for r in logs[0]] == [5, 10] and 0 < logs[0][1]["train_acc"] < 1
+    assert logs[1] == logs[0]
+
+
 def test_refuses_denoisers_and_unlabelled_data(digits, tmp_path):
     (x, y), _ = digits
     cfg = TrainConfig(steps=1, batch_size=8)

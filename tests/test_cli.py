@@ -302,3 +302,213 @@ def test_ddpm_console_script_runs():
                          env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert res.returncode == 0, res.stderr[-2000:]
     assert "ddpm train --config swissroll --out runs/swissroll" in res.stdout
+
+
+# --- the run record, the out folder, the device, non-finite numbers, sample's files and weights ----
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory) -> Path:
+    """One finished swissroll dry run (no sample grids), copied by the tests that change it."""
+    out = tmp_path_factory.mktemp("tiny") / "run"
+    assert main(["train", "--config", "swissroll", "--dry-run", "--out", str(out), "--set", "train.sample_every=0"]) == 0
+    return out
+
+
+def _copy_run(tiny_run: Path, tmp_path: Path) -> Path:
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    return run
+
+
+def _one_error_line(err: str) -> str:
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("ddpm: error: "), err
+    return lines[0]
+
+
+def _train_sample_eval(run: Path, tmp_path: Path) -> dict[str, list[str]]:
+    """The three commands on the run folder ``run`` (train resumes it: its steps are reached)."""
+    return {"train": ["train", "--config", "swissroll", "--dry-run", "--out", str(run), "--set", "train.sample_every=0"],
+            "sample": ["sample", "--checkpoint", str(run), "--n", "8", "--steps", "2", "--out", str(tmp_path / "s.png")],
+            "eval": ["eval", "--checkpoint", str(run), "--n", "50", "--steps", "2", "--metrics", "sw"]}
+
+
+def test_run_json_survives_a_crash_during_its_final_write(tiny_run, tmp_path, capsys, monkeypatch):
+    """The crash: the end-of-run rewrite of run.json stops half-way (disk full, SIGKILL). The old
+    record must still be whole, so that train, sample and eval go on working."""
+    from test_crash_safety import die_writing  # the simulated crash of the training log's tests
+
+    run = _copy_run(tiny_run, tmp_path)
+    before = json.loads((run / "run.json").read_text())
+    die_writing(monkeypatch, "run.json")
+    code, _, err = run_main(capsys, *_train_sample_eval(run, tmp_path)["train"])  # resumes, then rewrites run.json
+    assert code == 1 and "(simulated)" in _one_error_line(err)
+    monkeypatch.undo()
+    assert json.loads((run / "run.json").read_text()) == before  # the old record, whole
+    assert [p.name for p in run.iterdir() if p.name.startswith("run.json")] == ["run.json"]  # no temporary left
+    for name, argv in _train_sample_eval(run, tmp_path).items():
+        code, _, err = run_main(capsys, *argv)
+        assert code == 0, f"{name}: {err}"
+
+
+@pytest.mark.parametrize("content", ["", '{"preset": "swissroll", "comm', "not json", '{"name": "other tool"}',
+                                     "[1, 2]", '{"config": {"train": {}}}', '{"config": {"data": {"name": 3}}}'])
+def test_a_damaged_run_json_is_one_line_naming_it_and_the_way_out(content, tiny_run, tmp_path, capsys):
+    run = _copy_run(tiny_run, tmp_path)
+    (run / "run.json").write_text(content)
+    for name, argv in _train_sample_eval(run, tmp_path).items():
+        code, _, err = run_main(capsys, *argv)
+        line = _one_error_line(err)
+        assert code == 1, f"{name}: {line}"
+        assert f"{run / 'run.json'} is damaged" in line and "delete or fix it" in line, f"{name}: {line}"
+        assert f"{run / 'checkpoint'}" in line, f"{name}: {line}"  # where the intact checkpoint is
+    assert (run / "run.json").read_text() == content  # left for the user to inspect
+
+
+def test_wall_time_adds_up_over_segments_even_an_interrupted_one(tmp_path, capsys, monkeypatch):
+    import itertools
+    import types
+
+    from ddpm_lib import cli
+    from ddpm_lib import train as train_module
+
+    clock = itertools.count(0.0, 50.0)  # each reading 50 s after the last: a segment takes 50 s
+    monkeypatch.setattr(cli, "time", types.SimpleNamespace(perf_counter=lambda: next(clock)))
+    real_train, out = train_module.train, tmp_path / "run"
+
+    def interrupted(*args, **kwargs):  # trains (and checkpoints), then Ctrl-C
+        real_train(*args, **kwargs)
+        raise KeyboardInterrupt
+
+    argv = ["train", "--config", "swissroll", "--dry-run", "--out", str(out), "--set", "train.sample_every=0"]
+    monkeypatch.setattr(train_module, "train", interrupted)
+    assert run_main(capsys, *argv)[0] == 130
+    assert json.loads((out / "run.json").read_text())["wall_time_s"] == 50.0
+    monkeypatch.setattr(train_module, "train", real_train)
+    for steps, total in ((5, 100.0), (7, 150.0)):
+        code, stdout, err = run_main(capsys, *argv, f"train.steps={steps}")
+        assert code == 0, err
+        assert json.loads((out / "run.json").read_text())["wall_time_s"] == total
+        assert f"in 50.0 s ({total:.1f} s in all)" in stdout
+
+
+def test_train_refuses_an_out_folder_that_is_not_a_run(tiny_run, tmp_path, capsys):
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    (theirs / "log.jsonl").write_text('{"their": "log"}\n')
+    (theirs / "notes.txt").write_text("keep me")
+    argv = ["train", "--config", "swissroll", "--dry-run", "--set", "train.sample_every=0", "--out"]
+    code, _, err = run_main(capsys, *argv, str(theirs))
+    assert code == 1 and "holds files (log.jsonl, notes.txt) but no ddpm run" in _one_error_line(err)
+    assert sorted(p.name for p in theirs.iterdir()) == ["log.jsonl", "notes.txt"]
+    assert (theirs / "log.jsonl").read_text() == '{"their": "log"}\n'
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    code, _, err = run_main(capsys, *argv, str(a_file))
+    assert code == 1 and "is a file" in _one_error_line(err)
+    # fine: an empty folder (a temporary of a crashed run.json write aside), and an earlier run
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "run.json.tmp-0123abcd").write_text('{"pre')
+    assert run_main(capsys, *argv, str(empty))[0] == 0
+    assert not list(empty.glob("run.json.tmp-*"))
+    assert run_main(capsys, *argv, str(_copy_run(tiny_run, tmp_path)))[0] == 0
+
+
+def test_an_unavailable_device_is_refused_before_anything_is_written(tiny_run, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # as on this CPU machine, also on a GPU one
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "new"
+    cases = {"train --device": ["train", "--config", "swissroll", "--dry-run", "--out", str(out), "--device", "cuda"],
+             "train --set": ["train", "--config", "swissroll", "--dry-run", "--out", str(out), "--set",
+                             "train.device=cuda"],
+             "sample": ["sample", "--checkpoint", str(tiny_run), "--device", "cuda"],
+             "eval": ["eval", "--checkpoint", str(tiny_run), "--device", "cuda:0"]}
+    for name, argv in cases.items():
+        code, stdout, err = run_main(capsys, *argv)
+        line = _one_error_line(err)
+        assert code == 1 and "CUDA is not available on this machine; use --device cpu" in line, f"{name}: {line}"
+        assert stdout == "" and not out.exists() and list(tmp_path.iterdir()) == [], name
+    code, _, err = run_main(capsys, "sample", "--checkpoint", str(tiny_run), "--device", "gpu")
+    assert code == 2 and "--device gpu: not a torch device" in _one_error_line(err)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # one GPU: cuda:3 is not there
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    code, _, err = run_main(capsys, "eval", "--checkpoint", str(tiny_run), "--device", "cuda:3")
+    assert code == 1 and "--device cuda:3: this machine has 1 CUDA device(s), cuda:0 to cuda:0" in _one_error_line(err)
+    assert list(tmp_path.iterdir()) == []
+
+
+NON_FINITE = {
+    "eta nan": ["sample", "--checkpoint", "swissroll", "--sampler", "ddim", "--eta", "nan"],
+    "w inf": ["sample", "--checkpoint", "digits_cond", "--guidance", "cfg", "--w", "inf"],
+    "scale -inf": ["sample", "--checkpoint", "digits", "--classifier", "digits_noisy_classifier", "--scale=-inf"],
+    "eval w nan": ["eval", "--checkpoint", "digits_cond", "--w", "NaN"],
+    "lr nan": ["train", "--config", "swissroll", "--dry-run", "--set", "train.lr=NaN"],
+    "lr inf": ["train", "--config", "swissroll", "--dry-run", "--set", "train.lr=Infinity"],
+    "lr overflow": ["train", "--config", "swissroll", "--dry-run", "--set", "train.lr=1e999"],
+    "weight decay inf": ["train", "--config", "swissroll", "--dry-run", "--set", "train.weight_decay=Infinity"],
+    "grad clip inf": ["train", "--config", "swissroll", "--dry-run", "--set", "train.grad_clip=Infinity"],
+}
+
+
+@pytest.mark.parametrize("case", sorted(NON_FINITE))
+def test_nan_and_inf_options_are_refused_up_front(case, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    argv = NON_FINITE[case] + (["--out", str(tmp_path / "run")] if NON_FINITE[case][0] == "train" else [])
+    code, stdout, err = run_main(capsys, *argv)
+    line = _one_error_line(err)
+    assert code == 2 and "finite" in line and "TypeError" not in line, line
+    assert stdout == "" and list(tmp_path.iterdir()) == []  # refused before any work
+
+
+def test_sample_writes_exactly_the_files_it_names(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    sample = ["sample", "--checkpoint", "swissroll", "--n", "8", "--steps", "2"]
+    for options, text in (((["--out", str(folder)]), f"--out {folder} is a folder"),
+                          ((["--out", "plot"]), "--out plot: the file name must end in .png"),
+                          ((["--npz", "x.png"]), "--npz x.png: the file name must end in .npz"),
+                          ((["--out", "a.png", "--npz", str(folder)]), f"--npz {folder} is a folder")):
+        code, stdout, err = run_main(capsys, *sample, *options)
+        assert code == 2 and text in _one_error_line(err) and stdout == "", options
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["folder"] and not list(folder.iterdir())
+    code, stdout, err = run_main(capsys, *sample, "--out", "a/b.png", "--npz", "c/d.npz")
+    assert code == 0, err
+    assert stdout.startswith(f"wrote {Path('a/b.png')} and {Path('c/d.npz')} (8 samples")
+    assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*.*")) == ["a/b.png", "c/d.npz"]
+    code, stdout, err = run_main(capsys, *sample, "--out", "e.PNG")
+    assert code == 0 and stdout.startswith("wrote e.PNG and e.npz"), err
+
+
+def _rewrite_ema(run: Path, change) -> None:
+    """Give the checkpoint of ``run`` new EMA weights (``change(name, tensor)``), through
+    save_checkpoint, so that the checkpoint's manifest stays valid: only the weights are wrong."""
+    from ddpm_lib.checkpoint import load_checkpoint, save_checkpoint
+
+    ck = load_checkpoint(run)
+    save_checkpoint(run, step=ck.step, model_config=ck.model_config, diffusion_config=ck.diffusion_config,
+                    train_config=ck.train_config, model=ck.model, ema={k: change(k, v) for k, v in ck.ema.items()},
+                    optimizer=ck.optimizer, rng=ck.rng, state=ck.state)
+
+
+def test_sample_and_eval_refuse_non_finite_weights_and_samples(tiny_run, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    nan_run = _copy_run(tiny_run, tmp_path / "nan")
+    _rewrite_ema(nan_run, lambda name, v: torch.full_like(v, float("nan")) if name == "layers.0.weight" else v)
+    commands = _train_sample_eval(nan_run, tmp_path)
+    for name in ("sample", "eval"):
+        code, stdout, err = run_main(capsys, *commands[name])
+        line = _one_error_line(err)
+        assert code == 1 and f"{nan_run / 'checkpoint' / 'ema.safetensors'}: 1 weight tensor(s) hold NaN or inf " \
+                              "(e.g. layers.0.weight)" in line, f"{name}: {line}"
+        assert stdout == "" and not (tmp_path / "s.png").exists(), name
+    # finite weights whose output overflows: the sampler's own check, one line naming the model
+    huge_run = _copy_run(tiny_run, tmp_path / "huge")
+    _rewrite_ema(huge_run, lambda name, v: torch.full_like(v, 3e38) if name == "output.bias" else v)
+    for name in ("sample", "eval"):
+        code, stdout, err = run_main(capsys, *_train_sample_eval(huge_run, tmp_path)[name])
+        line = _one_error_line(err)
+        assert code == 1 and line.startswith(f"ddpm: error: {huge_run}: ") and "non-finite" in line, f"{name}: {line}"
+        assert not (tmp_path / "s.png").exists(), name

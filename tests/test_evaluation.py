@@ -54,6 +54,15 @@ def test_non_eps_models_sample_with_ddim_and_dpm_solver(prediction):
         assert x.shape == (8, 2) and torch.isfinite(x).all(), (sampler, prediction)
 
 
+def test_non_finite_samples_are_refused_naming_the_model():
+    loaded = tiny("swissroll")
+    with torch.no_grad():
+        loaded.model.output.bias.fill_(3e38)  # finite weights, an output that overflows
+    for sampler in SAMPLER_FUNCTIONS:
+        with pytest.raises(ValueError, match=r"^swissroll: .*non-finite"):
+            generate(loaded, 4, sampler=sampler, steps=3)
+
+
 def _spy_bits_per_dim(monkeypatch) -> tuple[list, list]:
     """Record the chains made by ``GaussianDiffusion.to`` and what ``nll_bits_per_dim`` is called with."""
     moved, seen = [], []

@@ -15,7 +15,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 # Tooling that belongs to the book and test extras, never to the library.
 EXTRAS_ONLY = ["IPython", "ipywidgets", "ipykernel", "jupyter_book", "myst_nb", "nbval", "pytest",
-               "hypothesis", "sphinx", "torchvision"]
+               "hypothesis", "sphinx", "torchvision", "diffusers"]
 
 
 @pytest.fixture(scope="module")

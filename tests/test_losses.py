@@ -113,7 +113,7 @@ def test_training_losses_errors():
     zero = lambda x, s: torch.zeros_like(x)
     with pytest.raises(ValueError, match="learned_range variance needs loss='hybrid' or 'vlb'"):
         d.training_losses(zero, x0, t, variance="learned_range")
-    with pytest.raises(ValueError, match=r"unknown loss 'l1'.*\['simple', 'hybrid', 'vlb'\]"):
+    with pytest.raises(ValueError, match=r"unknown loss 'l1'.*\['simple', 'hybrid', 'vlb', 'huber'\]"):
         d.training_losses(zero, x0, t, loss="l1")
     with pytest.raises(ValueError, match="unknown prediction"):
         d.training_losses(zero, x0, t, prediction="score")
@@ -329,3 +329,20 @@ def test_hybrid_training_learns_the_optimal_variance():
     v_opt = 2 * (target.log() - log_bt) / (log_b - log_bt) - 1
     error = (model.v.detach() - v_opt)[1:].abs().max().item()
     assert error < 0.15, (error, model.v.detach()[1:6], v_opt[1:6])
+
+
+def test_huber_loss_is_quadratic_then_linear():
+    """Huber (1964): e^2 / 2 for |e| <= delta, delta (|e| - delta / 2) beyond, mean over dimensions;
+    quadratic errors give half the MSE, and one outlier counts linearly, not quadratically."""
+    d = GaussianDiffusion(linear_betas(10))
+    x0, t = torch.zeros(2, 4, dtype=torch.float64), torch.tensor([3, 7])
+    noise = torch.tensor([[0.1, -0.2, 0.3, 0.0], [0.5, 0.0, 0.0, 10.0]], dtype=torch.float64)
+    zero = lambda x, s: torch.zeros_like(x)  # noqa: E731  error e = noise
+    out = d.training_losses(zero, x0, t, noise, loss="huber", huber_delta=1.0)
+    expected = torch.tensor([(0.01 + 0.04 + 0.09) / 2 / 4, (0.25 / 2 + 1.0 * (10.0 - 0.5)) / 4], dtype=torch.float64)
+    torch.testing.assert_close(out["loss"], expected)
+    torch.testing.assert_close(out["mse"], (noise**2).mean(1))
+    with pytest.raises(ValueError, match="huber_delta"):
+        d.training_losses(zero, x0, t, noise, loss="huber", huber_delta=0.0)
+    with pytest.raises(ValueError, match="never train the variance"):
+        d.training_losses(zero, x0, t, noise, loss="huber", variance="learned_range")

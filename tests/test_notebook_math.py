@@ -37,11 +37,11 @@ STANDARD_COMMANDS = frozenset(
     "bar tilde hat widehat widetilde dot ddot vec overline mathbf mathbb mathcal mathrm mathit boldsymbol "
     "text textrm operatorname "
     # operators and functions
-    "frac dfrac tfrac sqrt sum prod int partial nabla log ln exp sin cos tanh det max min arg argmin "
-    "argmax infty cdot times pm approx sim propto le ge leq geq ne neq in to mapsto leftarrow rightarrow "
-    "mid top dots ldots cdots varnothing "
+    "frac dfrac tfrac sqrt sum prod int partial nabla log ln exp sin cos cot arccos tanh det max min lim arg "
+    "argmin argmax infty cdot times pm approx sim propto le ge leq geq ll gg ne neq in to mapsto leftarrow "
+    "rightarrow Longrightarrow Rightarrow mid top dots ldots cdots varnothing "
     # delimiters and spacing
-    "left right big Big bigl bigr Bigl Bigr lVert rVert Vert lvert rvert langle rangle quad qquad "
+    "left right big Big bigl bigr Bigl Bigr lVert rVert Vert lvert rvert langle rangle lfloor rfloor quad qquad "
     "underbrace overbrace "
     # environments (amsmath)
     "begin end".split()

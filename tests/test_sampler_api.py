@@ -15,7 +15,7 @@ from ddpm_lib.analytic import GaussianMixture
 from ddpm_lib.diffusion import GaussianDiffusion
 from ddpm_lib.guidance import classifier_free, classifier_guidance
 from ddpm_lib.models import MLPConfig, MLPDenoiser
-from ddpm_lib.samplers import ddim_invert, ddim_sample, ddpm_sample, dpm_solver_pp_sample
+from ddpm_lib.samplers import ddim_invert, ddim_sample, ddpm_sample, dpm_solver_pp_sample, heun_sample
 from ddpm_lib.schedules import linear_betas, sampling_timesteps
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -61,6 +61,7 @@ RUNS = {
     "ddim_eta": lambda m, d, x, g, **kw: ddim_sample(m, d, x.shape, x_T=x, steps=20, eta=0.8, generator=g, **kw),
     "ddim_invert": lambda m, d, x, g, **kw: ddim_invert(m, d, x, steps=20, **kw),
     "dpm_solver_pp": lambda m, d, x, g, **kw: dpm_solver_pp_sample(m, d, x.shape, x_T=x, steps=10, **kw),
+    "heun": lambda m, d, x, g, **kw: heun_sample(m, d, x.shape, x_T=x, steps=8, **kw),
 }
 
 
@@ -217,6 +218,7 @@ def test_training_losses_reads_nothing_on_the_host(host_reads):
     lambda m, d, n: ddim_sample(m, d, (4, 2), steps=n, eta=0.5, generator=gen(0)),
     lambda m, d, n: ddim_invert(m, d, torch.zeros(4, 2), steps=n),
     lambda m, d, n: dpm_solver_pp_sample(m, d, (4, 2), steps=n, generator=gen(0)),
+    lambda m, d, n: heun_sample(m, d, (4, 2), steps=n, generator=gen(0)),
 ])
 def test_sampler_loops_read_nothing_on_the_host(run, host_reads):
     d = GaussianDiffusion(linear_betas(1000))
@@ -317,3 +319,68 @@ def test_learned_variance_with_the_optimal_v_gives_the_exact_reverse_kernel():
     assert abs(x.mean() - mu) < 4.5 * se_mean and abs(x.var() - expected_var) < 4.5 * se_var, (x.mean(), x.var())
     small = ddpm_sample(eps_model, d, (n, 1), steps=10, x_T=x_T, generator=gen(1))  # fixed_small: 0.0087
     assert small.var() < expected_var - 20 * se_var
+
+
+# --- 7. non-finite results are refused, once, at the end -----------------------------------------
+
+
+def test_samplers_refuse_nan_naming_the_step(mixture, diffusion):
+    model = mixture.eps_model(diffusion)
+    runs = {
+        "ddpm_sample": lambda m, x: ddpm_sample(m, diffusion, x.shape, steps=6, x_T=x, generator=gen(0)),
+        "ddim_sample": lambda m, x: ddim_sample(m, diffusion, x.shape, steps=6, x_T=x),
+        "ddim_invert": lambda m, x: ddim_invert(m, diffusion, x, steps=6),
+        "dpm_solver_pp_sample": lambda m, x: dpm_solver_pp_sample(m, diffusion, x.shape, steps=6, x_T=x),
+    }
+    calls = []
+
+    def nan_at_third_call(x, t, y=None):
+        calls.append(1)
+        out = model(x, t, y)
+        return out * math.nan if len(calls) == 3 else out
+
+    for name, run in runs.items():
+        x = torch.randn(4, 2, generator=gen(1), dtype=f64)
+        calls.clear()
+        with pytest.raises(ValueError, match=rf"{name}: the samples became non-finite .* at step 3 of 6"):
+            run(nan_at_third_call, x)
+        x[0, 0] = math.nan
+        with pytest.raises(ValueError, match=rf"{name}: the starting point .* is not finite"):
+            run(model, x)
+
+
+def test_eta_above_one_and_unordered_timesteps_are_refused(mixture, diffusion):
+    for eta in (1.5, math.nan, -0.1):
+        with pytest.raises(ValueError, match=r"eta must lie in \[0, 1\]"):
+            ddim_sample(mixture.eps_model(diffusion), diffusion, (2, 2), steps=5, eta=eta)
+    with pytest.raises(ValueError, match="strictly increasing"):
+        GaussianDiffusion(linear_betas(3), timesteps=[0, 5, 2])
+
+
+# --- 8. Heun (Karras et al. 2022) is a second-order solver of the probability-flow ODE -------------
+
+
+def test_heun_converges_at_second_order_where_ddim_is_first_order(diffusion):
+    """For Gaussian data N(mu, s^2) the probability-flow ODE is solved in closed form: it maps the
+    quantile z of x_T under q(x_T) to mu + s z. Doubling the steps (10, 20, 40, 80) divides DDIM's
+    error by about 2 (first order: measured 1.72, 1.86, 1.92) and Heun's by a growing factor
+    (measured 2.16, 2.79, 3.08 -> 4; the final Euler jump to sigma = 0 keeps it below 4 at these
+    step counts). Heun with 10 grid points costs 19 network evaluations."""
+    mu, s = 0.3, 0.2
+    data = GaussianMixture(torch.tensor([[mu]], dtype=f64), torch.tensor([s], dtype=f64), torch.ones(1, dtype=f64))
+    model = data.eps_model(diffusion)
+    x_T = torch.linspace(-2, 2, 9, dtype=f64)[:, None]
+    a_T = float(diffusion.alphas_cumprod[-1])
+    exact = mu + s * (x_T - math.sqrt(a_T) * mu) / math.sqrt(a_T * s * s + 1 - a_T)
+
+    def ratios(sampler):
+        errors = [(sampler(model, diffusion, x_T.shape, steps=n, x_T=x_T) - exact).abs().max().item()
+                  for n in (10, 20, 40, 80)]
+        return [errors[i] / errors[i + 1] for i in range(3)]
+
+    ddim, heun = ratios(ddim_sample), ratios(heun_sample)
+    assert all(1.6 < r < 2.1 for r in ddim), ddim
+    assert heun == sorted(heun) and heun[-1] > 2.8 and heun[-1] > ddim[-1] + 0.8, (heun, ddim)
+    calls = []
+    heun_sample(lambda x, t: calls.append(1) or model(x, t), diffusion, x_T.shape, steps=10, x_T=x_T)
+    assert len(calls) == 19

@@ -1,10 +1,12 @@
 """The training loop: configs, LR warm-up, EMA, exact resume (in-process and after kill -9),
-divergence, data handling, CUDA-only switches on the CPU, and a short real training."""
+what a resume may change, divergence, data handling, CUDA-only switches on the CPU, and a short
+real training. (Crash safety of the log and the divergence checks: ``test_crash_safety.py``.)"""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -21,7 +23,7 @@ from torch import nn
 
 import ddpm_lib
 from ddpm_lib import models
-from ddpm_lib.checkpoint import latest_checkpoint, load_checkpoint, read_config
+from ddpm_lib.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, read_config
 from ddpm_lib.ema import ema_decay, ema_update, make_ema
 from ddpm_lib.models.config import ModelConfig
 from ddpm_lib.train import (
@@ -221,6 +223,83 @@ def test_resume_is_bit_exact_in_process(tmp_path):
     train(TINY_COND, DIFF, cfg(steps=2 * k, seed=4), (x, y), out_dir=tmp_path / "other", progress=False)
     with pytest.raises(AssertionError):
         assert_checkpoints_equal(tmp_path / "once" / "checkpoint", tmp_path / "other" / "checkpoint")
+
+
+@pytest.mark.parametrize("change", [{"seed": 4}, {"batch_size": 12}, {"ema_decay": 0.9}, {"lr": 1e-3},
+                                    {"label_dropout": 0.5}, {"bf16": True}, {"grad_clip": None},
+                                    {"seed": 4, "weight_decay": 0.1}])
+def test_resume_refuses_a_changed_train_config(tmp_path, change):
+    """A changed seed, batch size, EMA decay, ... would continue the old run's random streams
+    under new numbers and record the new values: refused, naming the fields, with the way out;
+    the checkpoint is left as it was."""
+    x, y = moons()
+    train(TINY_COND, DIFF, cfg(steps=3), (x, y), out_dir=tmp_path, progress=False)
+    before = tensors_of(tmp_path / "checkpoint")
+    with pytest.raises(CheckpointError) as info:
+        train(TINY_COND, DIFF, cfg(steps=6, **change), (x, y), out_dir=tmp_path, progress=False)
+    message = str(info.value)
+    assert message.startswith(f"{tmp_path / 'checkpoint' / 'config.json'}: the checkpoint's train config differs")
+    theirs = cfg().to_dict()
+    for key, value in change.items():
+        assert f"{key!r}: ({theirs[key]!r}, {value!r})" in message, message
+    assert "'steps'" not in message, "the total steps may change"
+    assert "resume=False (or a new out_dir) starts afresh" in message and "\n" not in message
+    assert load_checkpoint(tmp_path).step == 3 and all(
+        torch.equal(before[f][k], v) for f, t in tensors_of(tmp_path / "checkpoint").items() for k, v in t.items())
+    fresh = train(TINY_COND, DIFF, cfg(steps=6, **change), (x, y), out_dir=tmp_path, resume=False, progress=False)
+    assert fresh.step == 6 and read_config(tmp_path)["train"] == cfg(steps=6, **change).to_dict()
+
+
+def test_resume_accepts_the_fields_that_change_no_number(tmp_path):
+    """steps and every other field of loop.RESUMABLE_FIELDS may change on resume; the result is
+    the uninterrupted run's, bit for bit, and the checkpoint records the new values."""
+    from ddpm_lib.loop import RESUMABLE_FIELDS
+
+    x, y = moons()
+    LabelledPoints = worker().LabelledPoints
+    train(TINY_COND, DIFF, cfg(steps=8), LabelledPoints(x, y, 0.0), out_dir=tmp_path / "once", progress=False)
+    train(TINY_COND, DIFF, cfg(steps=3), LabelledPoints(x, y, 0.0), out_dir=tmp_path / "twice", progress=False)
+    changed = cfg(steps=8, log_every=3, checkpoint_every=5, sample_every=7, num_samples=9, sample_steps=2,
+                  data_workers=2, device="cpu", compile=True, channels_last=True)
+    assert {k for k, v in changed.to_dict().items() if v != cfg(steps=3).to_dict()[k]} == set(RESUMABLE_FIELDS)
+    with pytest.warns(UserWarning, match="compile=True is ignored on cpu"):
+        train(TINY_COND, DIFF, changed, LabelledPoints(x, y, 0.0), out_dir=tmp_path / "twice", progress=False)
+    assert_checkpoints_equal(tmp_path / "once" / "checkpoint", tmp_path / "twice" / "checkpoint")
+    assert read_config(tmp_path / "twice")["train"] == changed.to_dict()
+
+
+def test_resume_refuses_a_checkpoint_past_the_runs_steps(tmp_path):
+    x, y = moons()
+    train(TINY_COND, DIFF, cfg(steps=6), (x, y), out_dir=tmp_path, progress=False)
+    with pytest.raises(CheckpointError, match=r"the checkpoint is at step 6, past this run's steps=3; raise steps"):
+        train(TINY_COND, DIFF, cfg(steps=3), (x, y), out_dir=tmp_path, progress=False)
+
+
+@pytest.mark.parametrize("key, value, needle", [
+    ("data_pos", 3.5, "data_pos 3.5 is not an int in [0, 100]"),
+    ("data_pos", 101, "data_pos 101 is not an int in [0, 100]"),
+    ("loss_window", [0.5, "x"], "loss_window must be a list of numbers"),
+    ("loss_reference", None, "loss_reference must be a finite number"),
+    ("loss_window", None, "loss_window must be a list of numbers"),
+])
+def test_a_malformed_loop_state_is_refused(tmp_path, key, value, needle):
+    """state.json's loop state (consistently edited, so the manifest passes) is validated, not
+    cast: int(3.5) would silently resume at another place in the data."""
+    from ddpm_lib.checkpoint import sha256_file
+
+    x, y = moons()
+    train(TINY_COND, DIFF, cfg(steps=3), (x, y), out_dir=tmp_path, progress=False)
+    ckpt = tmp_path / "checkpoint"
+    state = json.loads((ckpt / "state.json").read_text())
+    state["loop"][key] = value
+    (ckpt / "state.json").write_text(json.dumps(state))
+    manifest = json.loads((ckpt / "manifest.json").read_text())
+    manifest["files"]["state.json"] = {"bytes": (ckpt / "state.json").stat().st_size,
+                                       "sha256": sha256_file(ckpt / "state.json")}
+    (ckpt / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(CheckpointError, match=rf"state\.json: the loop state does not fit this run \(\w+: "
+                                              rf"{re.escape(needle)}"):
+        train(TINY_COND, DIFF, cfg(steps=6), (x, y), out_dir=tmp_path, progress=False)
 
 
 def test_dataset_and_tensor_inputs_give_the_same_run(tmp_path):
