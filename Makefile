@@ -43,15 +43,16 @@ check-notebooks: install
 test-lib: install
 	OMP_NUM_THREADS=1 $(PY) -m pytest tests -n 2 -q
 
-# Notebooks read DDPM_BOOK_QUICK through ddpm_lib.book; stripped notebooks are executed,
+# Notebooks read DDPM_BOOK_QUICK and DDPM_BOOK_STATIC (headless: no ipywidgets, which can hang
+# nbclient) through ddpm_lib.book; stripped notebooks are executed,
 # so the assertions inside their cells are the checks.
 test-nbs: install
-	DDPM_BOOK_QUICK=1 OMP_NUM_THREADS=1 $(PY) -m pytest --nbval-lax nbs -q -p no:randomly -n 2 --dist loadfile
+	DDPM_BOOK_QUICK=1 DDPM_BOOK_STATIC=1 OMP_NUM_THREADS=1 $(PY) -m pytest --nbval-lax nbs -q -p no:randomly -n 2 --dist loadfile
 
 # Quick-mode build into its own folder so its cached (quick) outputs never reach `make book`.
 test-book: install
 	rm -rf $(QUICK_BUILD)
-	DDPM_BOOK_QUICK=1 $(VENV)/bin/jupyter-book build . $(JB_FLAGS) --path-output $(QUICK_BUILD)
+	DDPM_BOOK_QUICK=1 DDPM_BOOK_STATIC=1 $(VENV)/bin/jupyter-book build . $(JB_FLAGS) --path-output $(QUICK_BUILD)
 	test -f $(QUICK_BUILD)/_build/html/index.html
 
 # ---- make test-vision --------------------------------------------------------
@@ -72,7 +73,7 @@ test-vision: $(VISION_STAMP)
 
 # ---- make book -------------------------------------------------------------
 book: install
-	$(VENV)/bin/jupyter-book build . $(JB_FLAGS)
+	DDPM_BOOK_STATIC=1 $(VENV)/bin/jupyter-book build . $(JB_FLAGS)
 	test -f _build/html/index.html
 	@echo "open _build/html/index.html"
 

@@ -14,9 +14,12 @@ from typing import TypeVar
 
 import torch
 
-__all__ = ["QUICK_ENV", "quick_mode", "pick", "default_device", "generator", "single_thread"]
+__all__ = ["QUICK_ENV", "STATIC_ENV", "quick_mode", "static_build", "pick", "default_device", "generator",
+           "single_thread"]
 
 QUICK_ENV = "DDPM_BOOK_QUICK"
+# Set by `make book` / `make test-book` / `make test-nbs`: the chapters are executed headless for static pages.
+STATIC_ENV = "DDPM_BOOK_STATIC"
 _T = TypeVar("_T")
 
 
@@ -28,6 +31,14 @@ def quick_mode() -> bool:
     if value in ("1", "true", "yes", "on"):
         return True
     raise ValueError(f"{QUICK_ENV} must be one of 1/0/true/false/yes/no/on/off, got {value!r}")
+
+
+def static_build() -> bool:
+    """True when ``DDPM_BOOK_STATIC`` is set to 1/true/yes/on: the chapter runs headless (book build,
+    nbval), where an ipywidgets slider has no reader to move it. There the chapters draw their
+    static panel instead: a widget's comm messages can leave the executing client (nbclient,
+    jupyter/nbclient#312) waiting forever after the cell, which hung the book build here."""
+    return os.environ.get(STATIC_ENV, "").strip().lower() in ("1", "true", "yes", "on")
 
 
 def pick(quick: _T, full: _T) -> _T:

@@ -145,3 +145,23 @@ def test_show_displays_a_math_object(monkeypatch):
     assert symbolic.show(r"\E[x]", _m) is None  # returns nothing: a cell ending in show() has no Out[]
     (obj,) = shown
     assert isinstance(obj, display_module.Math) and obj.data == r"\E[x] = m"
+
+
+@pytest.mark.parametrize("value, expected", [("1", True), ("yes", True), ("", False), ("0", False)])
+def test_static_build_reads_the_environment(monkeypatch, value, expected):
+    from ddpm_lib.book import STATIC_ENV, static_build
+
+    monkeypatch.setenv(STATIC_ENV, value)
+    assert static_build() is expected
+
+
+def test_every_widget_cell_has_a_static_path_for_headless_builds():
+    """A widget's comm messages can leave nbclient waiting forever (it hung the book build on
+    chapter 4's slider): every cell that imports ipywidgets must fall back under static_build()."""
+    import json
+
+    for path in sorted((Path(__file__).resolve().parents[1] / "nbs").glob("*.ipynb")):
+        for cell in json.loads(path.read_text())["cells"]:
+            source = "".join(cell["source"])
+            if cell["cell_type"] == "code" and "import ipywidgets" in source:
+                assert "if static_build():" in source, path.name
