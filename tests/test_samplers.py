@@ -254,6 +254,29 @@ def predicted_law(alphas_cumprod, kind: str, grid: list[int], *, eta=0.0, varian
                 P, Q, sigma2 = math.sqrt(a_prev) * p + c * (1 - math.sqrt(a) * p), math.sqrt(a_prev) * q - c * math.sqrt(a) * q, sigma**2
             A, B, V = P * A, P * B + Q, P * P * V + sigma2
         return A, B, V
+    if kind == "heun":  # Karras et al. 2022, Algorithm 1 (no churn) in x~ = x / sqrt(a), sigma = sqrt((1 - a) / a)
+        A, B = 1.0, 0.0
+        for i in reversed(range(len(grid))):
+            a = ab[i]
+            p, q = x0_hat_affine(a, model_ab[i], mu, s)
+            if i == 0:  # the last step lands on x0_hat
+                return p * A, p * B + q, 0.0
+            a2 = ab[i - 1]
+            p2, q2 = x0_hat_affine(a2, model_ab[i - 1], mu, s)
+            ds = math.sqrt((1 - a2) / a2) - math.sqrt((1 - a) / a)
+
+            def eps_coef(level, pp, qq):  # eps = e1 x + e0 at noise level `level`, from x0_hat = pp x + qq
+                return (1 - math.sqrt(level) * pp) / math.sqrt(1 - level), -math.sqrt(level) * qq / math.sqrt(1 - level)
+
+            e1, e0 = eps_coef(a, p, q)
+            # Euler point in x: (x / sqrt(a) + ds eps) sqrt(a2) = m1 x + m0
+            m1, m0 = (1 / math.sqrt(a) + ds * e1) * math.sqrt(a2), ds * e0 * math.sqrt(a2)
+            f1, f0 = eps_coef(a2, p2, q2)
+            g1, g0 = f1 * m1, f1 * m0 + f0  # eps at the Euler point, as a function of x
+            P = (1 / math.sqrt(a) + ds * 0.5 * (e1 + g1)) * math.sqrt(a2)
+            Q = ds * 0.5 * (e0 + g0) * math.sqrt(a2)
+            A, B = P * A, P * B + Q
+        raise AssertionError("unreachable")
     # DPM-Solver++(2M) on the grid, visited in DEcreasing order; state (x_i, x_{i-1}) = G x_T + h
     lam = [0.5 * math.log(a / (1 - a)) for a in ab]
     G, h = [1.0, 0.0], [0.0, 0.0]
@@ -349,6 +372,10 @@ GAUSS_CASES = {
                          "dpm", lambda d: dpm_grid(d, 20), {}),
     "dpm_solver_pp_20_trailing": (lambda m, d, x, g: dpm_solver_pp_sample(m, d, x.shape, steps=20, x_T=x),
                                   "dpm", lambda d: range(999, 0, -50), {}),
+    "heun_10": (lambda m, d, x, g: samplers.heun_sample(m, d, x.shape, steps=10, x_T=x), "heun",
+                lambda d: range(99, 1000, 100), {}),
+    "heun_12_logsnr": (lambda m, d, x, g: samplers.heun_sample(m, d, x.shape, timesteps=dpm_solver_timesteps(
+        d.alphas_cumprod, 12), x_T=x), "heun", lambda d: dpm_solver_timesteps(d.alphas_cumprod, 12), {}),
     # grid 999, 910, 800, 689, 571, 381, 222, 111, 0: ratios h_{i-1} / h_i from 0.2 to 1.3 exercise the 2M coefficients
     "dpm_solver_pp_irregular": (lambda m, d, x, g: dpm_solver_pp_sample(
         m, d.respace(IRREGULAR), x.shape, timesteps=dpm_solver_timesteps(d.respace(IRREGULAR).alphas_cumprod, 12),
