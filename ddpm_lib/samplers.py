@@ -79,19 +79,18 @@ class StepInfo:
 # --- shared set-up --------------------------------------------------------------------------
 
 
+def _param_dtype(model) -> torch.dtype | None:
+    """The floating dtype of an nn.Module's parameters, else None (a function, the oracle)."""
+    param = next(model.parameters(), None) if isinstance(model, torch.nn.Module) else None
+    return param.dtype if param is not None and param.is_floating_point() else None
+
+
 def _state_dtype(model, x_T: Tensor | None, dtype: torch.dtype | None) -> torch.dtype:
     if dtype is not None:
         return dtype
     if x_T is not None:
         return x_T.dtype
-    param = next(model.parameters(), None) if isinstance(model, torch.nn.Module) else None
-    return param.dtype if param is not None and param.is_floating_point() else torch.get_default_dtype()
-
-
-def _input_dtype(model, x: Tensor) -> torch.dtype:
-    # A bfloat16 network refuses float32 input ("mat1 and mat2 must have the same dtype").
-    param = next(model.parameters(), None) if isinstance(model, torch.nn.Module) else None
-    return param.dtype if param is not None and param.is_floating_point() else x.dtype
+    return _param_dtype(model) or torch.get_default_dtype()
 
 
 def initial_noise(model, shape: Sequence[int], x_T: Tensor | None, generator: torch.Generator | None,
@@ -158,8 +157,8 @@ def _plan(model, diffusion, steps, spacing, timesteps, prediction, model_kwargs,
         if "y" in kwargs:
             raise ValueError("pass the labels once: y= or model_kwargs={'y': ...}, not both")
         kwargs["y"] = y
-    param = next(model.parameters(), None) if isinstance(model, torch.nn.Module) else None
-    in_dtype = param.dtype if param is not None and param.is_floating_point() else x_like_dtype
+    # A bfloat16 network refuses float32 input ("mat1 and mat2 must have the same dtype").
+    in_dtype = _param_dtype(model) or x_like_dtype
     return _Plan(grid, model_t, alpha_bar, resolve_prediction(model, prediction), kwargs, in_dtype)
 
 
