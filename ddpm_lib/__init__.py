@@ -11,9 +11,14 @@ Modules are named by concept and meant to be read beside the chapters:
 ``losses``                L_simple, hybrid and VLB losses; bits/dim through the variational bound
 ``samplers``              DDPM, respaced DDPM, DDIM (and inversion), DPM-Solver++
 ``guidance``              classifier-free, classifier and loss guidance as eps-model wrappers
+``inpainting``            inpainting with an unconditional model: replacement and RePaint resampling
+``superres``              super-resolution as conditioning: downsampling, noise conditioning
+                          augmentation, the loss and sampler of a cascade's second stage
+``latent``                latent diffusion: the autoencoder's loss and training, latent scale,
+                          latents as training data (``DataConfig.encoder``), decoding
 ``analytic``              the exact Gaussian-mixture denoiser (the samplers' oracle)
 ``gaussian``              Gaussian helpers: KL divergence, discretised likelihood
-``models``                U-Net, 2-D MLP, noisy and feature classifiers, from JSON configs
+``models``                U-Net, 2-D MLP, noisy and feature classifiers, autoencoder, from JSON configs
 ``data``                  2-D toys, scikit-learn digits, procedural shapes, torchvision sets
 ``configs``               ``DiffusionConfig``, ``TrainConfig``: frozen dataclasses <-> JSON
 ``loop``                  ``TrainLoop``: the one training loop (step, log, checkpoint, resume) of both trainers
@@ -23,7 +28,7 @@ Modules are named by concept and meant to be read beside the chapters:
 ``distributed``           DDP from torchrun's environment
 ``checkpoint``            safetensors + JSON checkpoints, atomic, checked on load
 ``metrics``               sliced Wasserstein, energy distance, Frechet distance, KID, accuracy,
-                          memorisation
+                          diversity, memorisation
 ``presets``               the shipped run configs of ``ddpm train`` (``*.json``) and the data
 ``pretrained``            the shipped weights, their manifest and SHA-256 checks
 ``viz``                   image grids and 2-D scatter plots of samples
@@ -52,6 +57,7 @@ from ddpm_lib.analytic import GaussianMixture
 from ddpm_lib.configs import DiffusionConfig, TrainConfig
 from ddpm_lib.diffusion import GaussianDiffusion
 from ddpm_lib.guidance import classifier_free, classifier_guidance, loss_guidance
+from ddpm_lib.inpainting import inpaint, repaint_schedule
 from ddpm_lib.models import MLPConfig, MLPDenoiser, UNet, UNetConfig, model_from_config
 from ddpm_lib.predictions import set_parameterization
 from ddpm_lib.samplers import StepInfo, ddim_invert, ddim_sample, ddpm_sample, dpm_solver_pp_sample, heun_sample
@@ -68,7 +74,7 @@ __all__ = [
     "GaussianDiffusion", "DiffusionConfig", "TrainConfig", "GaussianMixture",
     "linear_betas", "cosine_betas", "get_betas", "rescale_zero_terminal_snr", "sampling_timesteps",
     "ddpm_sample", "ddim_sample", "ddim_invert", "dpm_solver_pp_sample", "heun_sample", "StepInfo",
-    "classifier_free", "classifier_guidance", "loss_guidance",
+    "classifier_free", "classifier_guidance", "loss_guidance", "inpaint", "repaint_schedule",
     "UNet", "UNetConfig", "MLPDenoiser", "MLPConfig", "model_from_config", "set_parameterization",
     "pretrained", "seeded",
 ]

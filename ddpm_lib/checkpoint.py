@@ -395,9 +395,9 @@ def ready_to_sample(model: torch.nn.Module, kind: str, diffusion_config: Diffusi
     carries its prediction and variance (``predictions.set_parameterization``), so that every
     sampler reads them without being told."""
     from ddpm_lib.predictions import set_parameterization
-    from ddpm_lib.presets import CLASSIFIERS
+    from ddpm_lib.presets import NOT_DENOISERS
 
-    if kind not in CLASSIFIERS:
+    if kind not in NOT_DENOISERS:
         set_parameterization(model, prediction=diffusion_config.prediction, variance=diffusion_config.variance)
     return model.to(device).eval(), diffusion_config.build().to(device)
 

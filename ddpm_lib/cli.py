@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -48,7 +49,7 @@ from ddpm_lib.evaluation import (
     load_source, training_metrics,
 )
 from ddpm_lib.presets import (
-    CLASSIFIERS, apply_overrides, dry_run, load_data, load_run_config, preset_names,
+    AUTOENCODERS, CLASSIFIERS, NOT_DENOISERS, apply_overrides, dry_run, load_data, load_run_config, preset_names,
 )
 from ddpm_lib.runs import RUN_FILE, check_out_dir, read_run, run_data, write_json_atomic
 from ddpm_lib.schedules import SPACINGS
@@ -147,13 +148,22 @@ def cmd_train(args, argv) -> int:
     start, progress = time.perf_counter(), sys.stderr.isatty()
     try:
         data = load_data(run.data, "train")
-        if run.kind in CLASSIFIERS:
+        if run.kind in AUTOENCODERS:
+            from ddpm_lib.latent import train_autoencoder
+
+            result = train_autoencoder(run.model, run.train, data, out_dir=out, progress=progress)
+        elif run.kind in CLASSIFIERS:
             result = train_classifier(run.model, run.train, data, diffusion_config=run.diffusion, out_dir=out,
                                       progress=progress)
         else:
             metrics = training_metrics(run.data) if run.train.sample_every and main_rank else None
+            transform = None
+            if run.data.encoder is not None:  # a latent model's grids are decoded to images
+                from ddpm_lib.latent import decode_samples
+
+                transform = functools.partial(decode_samples, run.data)
             result = train(run.model, run.diffusion, run.train, data, out_dir=out, progress=progress,
-                           sample_metrics=metrics)
+                           sample_metrics=metrics, sample_transform=transform)
     except BaseException:
         # An interrupted or failed segment (Ctrl-C, divergence) still took its time: add it to the
         # record on disk (the earlier one if resumed: this config was not accepted), so that the
@@ -224,7 +234,8 @@ def cmd_sample(args, argv) -> int:
     _check_device(args.device)
     guidance = _guidance_args(args)
     loaded = load_source(args.checkpoint, args.device)
-    x, y = generate(loaded, args.n, seed=args.seed, label=args.label, **sampling, **guidance)
+    x, y = generate(loaded, args.n, seed=args.seed, label=args.label, **sampling, **guidance,
+                    **_cascade_args(args))
     save_figure(x, png, y)
     arrays = {"samples": x.numpy()} if y is None else {"samples": x.numpy(), "labels": y.numpy()}
     npz.parent.mkdir(parents=True, exist_ok=True)
@@ -233,11 +244,21 @@ def cmd_sample(args, argv) -> int:
     return 0
 
 
+def _cascade_args(args) -> dict[str, Any]:
+    """``cascade`` (loaded) and ``aug_level`` of ``--cascade`` / ``--aug-level``."""
+    if args.cascade is None:
+        if args.aug_level is not None:
+            raise UsageError("--aug-level applies to a cascade: give --cascade BASE too")
+        return {}
+    return {"cascade": load_source(args.cascade, args.device), "aug_level": args.aug_level or 0}
+
+
 def _check_eval_options(args, loaded: Loaded, metrics: set[str] | None) -> None:
     """Refuse eval options that would have no effect on this model."""
-    if loaded.kind in CLASSIFIERS:
-        ignored = _given(args, "n", "sampler", "steps", "eta", "spacing", "w", "metrics", "nll_batches")
-        if loaded.kind == "feature_classifier":
+    if loaded.kind in NOT_DENOISERS:
+        ignored = _given(args, "n", "sampler", "steps", "eta", "spacing", "w", "metrics", "nll_batches", "cascade",
+                         "aug_level")
+        if loaded.kind in ("feature_classifier", "autoencoder"):
             ignored += _given(args, "seed")  # its test accuracy involves no randomness
         if ignored:
             raise UsageError(f"{', '.join(ignored)} do(es) not apply to a {loaded.kind}: it is scored on the "
@@ -278,13 +299,15 @@ def cmd_eval(args, argv) -> int:
     _check_eval_options(args, loaded, metrics)
     n, seed, sampler = args.n or 1000, args.seed or 0, sampling["sampler"]
     nll_batches = 1 if args.nll_batches is None else args.nll_batches
-    results = evaluate(loaded, n=n, seed=seed, metrics=metrics, nll_batches=nll_batches, w=args.w, **sampling)
-    how = "" if loaded.kind in CLASSIFIERS else (f", n = {n}, sampler {sampler} ({args.steps or SAMPLERS[sampler]} "
+    results = evaluate(loaded, n=n, seed=seed, metrics=metrics, nll_batches=nll_batches, w=args.w, **sampling,
+                       **_cascade_args(args))
+    how = "" if loaded.kind in NOT_DENOISERS else (f", n = {n}, sampler {sampler} ({args.steps or SAMPLERS[sampler]} "
                                                  f"{sampling['spacing']} steps)")
     print(f"{loaded.source}: {loaded.kind}{how}, seed {seed}")
     _print_table(results)
     record = {"command": _command_line(argv), "n": n, "sampler": sampler, "steps": args.steps,
-              "spacing": sampling["spacing"], "seed": seed, "w": args.w, "metrics": results}
+              "spacing": sampling["spacing"], "seed": seed, "w": args.w, "cascade": args.cascade,
+              "aug_level": args.aug_level, "metrics": results}
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(record, indent=2))
@@ -338,6 +361,10 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--spacing", choices=list(SPACINGS),
                        help="which timesteps the --steps visit, for every sampler (default trailing: from T - 1 down)")
         p.add_argument("--seed", type=int, default=None if eval_ else 0, help="default 0")
+        p.add_argument("--cascade", help="super-resolution models: the model (checkpoint or pretrained name) whose "
+                                         "low-resolution samples this one refines")
+        p.add_argument("--aug-level", type=int, help="with --cascade: the timestep the low-resolution samples are "
+                                                     "noised to first (noise conditioning augmentation; default 0)")
         # as train's: decided when the parser is built, so a machine without CUDA gets "cpu"
         p.add_argument("--device", default=str(default_device()),
                        help="a torch device: cpu, cuda, cuda:1, ... (default: CUDA when available)")

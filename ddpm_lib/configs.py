@@ -110,6 +110,13 @@ class TrainConfig(JSONConfig):
     ``compile`` is ignored with a warning. ``device = None`` picks CUDA when available.
     ``data_workers`` threads read the items of a map-style Dataset (e.g. image files) in
     parallel; the batches are the same whatever the count.
+
+    A super-resolution model (``UNetConfig.cond_channels > 0``, chapter 12) trains on the data's
+    images with their ``superres_factor``-times downsampled versions as conditioning
+    (``ddpm_lib.superres.superres_losses``), noised to a level drawn uniformly below
+    ``max_aug_level`` when the model has ``cond_augment`` (noise conditioning augmentation,
+    Ho et al. 2022, sec. 4.3; 0: clean conditioning). Its sample grids refine the first
+    ``num_samples`` training images' low-resolution versions.
     """
 
     steps: int = 10_000
@@ -133,11 +140,15 @@ class TrainConfig(JSONConfig):
     compile: bool = False
     device: str | None = None
     data_workers: int = 0
+    superres_factor: int = 0
+    max_aug_level: int = 0
 
     def validate(self) -> None:
         for name in ("steps", "batch_size", "log_every", "num_samples", "sample_steps"):
             self._require(getattr(self, name) >= 1, name, "must be >= 1")
-        for name in ("warmup_steps", "sample_every", "checkpoint_every", "seed", "weight_decay", "data_workers"):
+        self._require(self.superres_factor != 1, "superres_factor", "must be 0 (not super-resolution) or >= 2")
+        for name in ("warmup_steps", "sample_every", "checkpoint_every", "seed", "weight_decay", "data_workers",
+                     "superres_factor", "max_aug_level"):
             self._require(0 <= getattr(self, name) < math.inf, name, "must be a finite number >= 0")
         self._require(0 < self.lr < math.inf, "lr", "must be a finite number > 0")
         self._require(self.lr_schedule in LR_SCHEDULES, "lr_schedule", f"must be one of {sorted(LR_SCHEDULES)}")

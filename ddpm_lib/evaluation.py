@@ -39,7 +39,7 @@ from torch import Tensor, nn
 from ddpm_lib import pretrained
 from ddpm_lib.checkpoint import latest_checkpoint, load_model, read_config
 from ddpm_lib.configs import DiffusionConfig
-from ddpm_lib.presets import CLASSIFIERS, TOYS, DataConfig, load_tensors, toy_sampler
+from ddpm_lib.presets import CLASSIFIERS, NOT_DENOISERS, TOYS, DataConfig, load_tensors, toy_sampler
 from ddpm_lib.runs import find_run, run_data
 
 __all__ = ["Loaded", "load_source", "run_json", "generate", "evaluate", "applicable_metrics", "training_metrics",
@@ -123,7 +123,7 @@ def load_source(spec: str, device: str | torch.device = "cpu") -> Loaded:
         if spec in pretrained.available():
             run = pretrained.run_config(spec)
             out = pretrained.load(spec, device)
-            model = out if run.kind in CLASSIFIERS else out[0]
+            model = out if run.kind in NOT_DENOISERS else out[0]
             _check_weights(model, f"pretrained model {spec!r}")
             return Loaded(model, run.diffusion, run.data, spec)
         raise FileNotFoundError(f"no checkpoint at {spec!r}, and no pretrained model of that name "
@@ -142,7 +142,8 @@ def load_source(spec: str, device: str | torch.device = "cpu") -> Loaded:
 
 def generate(loaded: Loaded, n: int, *, sampler: str = "ddpm", steps: int | None = None, eta: float = 0.0,
              spacing: str = "trailing", seed: int = 0, label: int | None = None, w: float | None = None,
-             classifier: nn.Module | None = None, scale: float = 1.0) -> tuple[Tensor, Tensor | None]:
+             classifier: nn.Module | None = None, scale: float = 1.0, cascade: Loaded | None = None,
+             aug_level: int = 0) -> tuple[Tensor, Tensor | None]:
     """``n`` samples (on the CPU) of a denoiser and their labels (None if unconditional and unguided).
 
     Args:
@@ -162,6 +163,10 @@ def generate(loaded: Loaded, n: int, *, sampler: str = "ddpm", steps: int | None
             Eq. (6)).
         classifier, scale: a noisy classifier and the scale of classifier guidance
             (Dhariwal & Nichol 2021, Algorithm 1).
+        cascade, aug_level: a super-resolution model (``cond_channels``) refines the samples of
+            ``cascade``, a model of the low-resolution images drawn with the same sampler,
+            steps and seed, after noising them to ``aug_level`` (Ho et al. 2022, cascaded
+            diffusion; ``ddpm_lib.superres``).
 
     Raises ValueError for a classifier, for ``w`` on an unconditional model, for a label
     outside the classes, and, with ``loaded.source`` prefixed, for what a sampler refuses (e.g.
@@ -171,7 +176,7 @@ def generate(loaded: Loaded, n: int, *, sampler: str = "ddpm", steps: int | None
     from ddpm_lib.samplers import ddim_sample, ddpm_sample, dpm_solver_pp_sample
 
     model, dcfg, device = loaded.model, loaded.diffusion_config, loaded.device
-    if loaded.kind in CLASSIFIERS:
+    if loaded.kind in NOT_DENOISERS:
         raise ValueError(f"{loaded.source} is a {loaded.kind}, not a denoiser: nothing to sample")
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; choose from {list(SAMPLERS)}")
@@ -181,6 +186,8 @@ def generate(loaded: Loaded, n: int, *, sampler: str = "ddpm", steps: int | None
     if label is not None and not (classes and 0 <= label < classes):
         raise ValueError(f"--label {label} needs a class-conditional model or a classifier, with 0 <= label < classes")
     cfg = model.config
+    model_kwargs = _cascade_input(loaded, n, cascade, aug_level, sampler=sampler, steps=steps, eta=eta,
+                                  spacing=spacing, seed=seed)
     shape = (n, cfg.data_dim) if loaded.kind == "mlp" else (n, cfg.in_channels, cfg.image_size, cfg.image_size)
     y = None if classes is None else (torch.full((n,), label) if label is not None else torch.arange(n) % classes)
     guided, diffusion = model, dcfg.build().to(device)
@@ -191,7 +198,8 @@ def generate(loaded: Loaded, n: int, *, sampler: str = "ddpm", steps: int | None
     # The prediction is passed explicitly (not left to model.prediction): a guidance wrapper is
     # a new callable, and the checkpoint's config is the authority on what the network outputs.
     kw = dict(steps=steps or SAMPLERS[sampler], spacing=spacing, prediction=dcfg.prediction,
-              generator=torch.Generator(device).manual_seed(seed), y=None if y is None else y.to(device))
+              generator=torch.Generator(device).manual_seed(seed), y=None if y is None else y.to(device),
+              model_kwargs=model_kwargs)
     try:
         if sampler == "ddpm":
             x = ddpm_sample(guided, diffusion, shape, variance=dcfg.variance, **kw)
@@ -201,7 +209,43 @@ def generate(loaded: Loaded, n: int, *, sampler: str = "ddpm", steps: int | None
             x = dpm_solver_pp_sample(guided, diffusion, shape, **kw)
     except ValueError as e:  # e.g. the samples became non-finite: say which model
         raise ValueError(f"{loaded.source}: {e}") from e
+    if loaded.data is not None and loaded.data.encoder is not None:  # a latent model: decode (chapter 13)
+        from ddpm_lib.latent import decode_samples
+
+        x = decode_samples(loaded.data, x)
     return x.cpu(), y
+
+
+def is_superres(loaded: Loaded) -> bool:
+    """Whether the denoiser is a super-resolution model (it samples given low-resolution images)."""
+    return bool(getattr(getattr(loaded.model, "config", None), "cond_channels", 0))
+
+
+def _cascade_input(loaded: Loaded, n: int, cascade: Loaded | None, aug_level: int, **sampling) -> dict | None:
+    """The ``model_kwargs`` of a cascade's second stage: the first stage's samples, noised."""
+    from ddpm_lib.superres import conditioning
+
+    if not is_superres(loaded):
+        if cascade is not None:
+            raise ValueError(f"{loaded.source} is not a super-resolution model: a cascade needs one as its second stage")
+        return None
+    if cascade is None:
+        raise ValueError(f"{loaded.source} is a super-resolution model: it refines low-resolution images; give the "
+                         f"model that draws them (--cascade NAME)")
+    if is_superres(cascade):
+        raise ValueError(f"{cascade.source}: a cascade's first stage must sample on its own, not be a super-resolution model")
+    if not 0 <= aug_level < loaded.diffusion_config.T:
+        raise ValueError(f"aug_level must lie in [0, T = {loaded.diffusion_config.T}), got {aug_level}")
+    cfg, base = loaded.model.config, cascade.model.config
+    channels, side = getattr(base, "in_channels", None), getattr(base, "image_size", None)
+    if channels != cfg.cond_channels or not side or side >= cfg.image_size or cfg.image_size % side:
+        drawn = f"images [{channels}, {side}, {side}]" if side else "no images"
+        raise ValueError(f"{cascade.source} draws {drawn}, which {loaded.source} (cond_channels={cfg.cond_channels}, "
+                         f"image_size={cfg.image_size}) cannot refine")
+    z, _ = generate(cascade, n, **sampling)
+    diffusion = loaded.diffusion_config.build().to(loaded.device)
+    g = torch.Generator(loaded.device).manual_seed(sampling["seed"] + 1)
+    return conditioning(loaded.model, z.to(loaded.device), aug_level, diffusion, generator=g)
 
 
 # --- evaluation --------------------------------------------------------------------------------
@@ -217,7 +261,7 @@ def _feature_classifier_name(data: DataConfig) -> str | None:
     if name is None:
         return None
     c = pretrained.run_config(name).model
-    return name if (c.in_channels, c.image_size, c.image_size) == data.image_shape() else None
+    return name if (c.in_channels, c.image_size, c.image_size) == data.pixels().image_shape() else None
 
 
 def applicable_metrics(loaded: Loaded) -> tuple[str, ...]:
@@ -228,8 +272,11 @@ def applicable_metrics(loaded: Loaded) -> tuple[str, ...]:
         return POINT_METRICS
     has_fc = loaded.data is not None and _feature_classifier_name(loaded.data) is not None
     has_test = loaded.data is not None and loaded.data.name != "image_folder"
+    # bits/dim of a super-resolution model would be conditional on the true low-resolution image,
+    # and a latent model's would count latent dimensions, not pixels: neither compares with the others
+    latent = loaded.data is not None and loaded.data.encoder is not None
     ok = {"fd": has_fc, "kid": has_fc, "acc": has_fc and loaded.num_classes is not None, "mem": has_test,
-          "bpd": has_test}
+          "bpd": has_test and not is_superres(loaded) and not latent}
     return tuple(m for m in IMAGE_METRICS if ok[m])
 
 
@@ -273,7 +320,7 @@ def _image_metrics(loaded: Loaded, x: Tensor, y: Tensor | None, wanted, *, seed:
     """The image metrics in ``wanted`` (fd, kid, acc, mem, bpd) of samples ``x`` (labels ``y``)."""
     from ddpm_lib.metrics import classifier_accuracy, extract_features, memorization_ratio
 
-    data = loaded.data
+    data = loaded.data.pixels()  # a latent model's samples come decoded: compare them with images
     fc_name = _feature_classifier_name(data)
     if fc_name is None and {"fd", "kid", "acc"} & wanted:
         raise ValueError(f"no feature classifier for the data {data.name!r} at {list(data.image_shape())} "
@@ -305,9 +352,30 @@ def _image_metrics(loaded: Loaded, x: Tensor, y: Tensor | None, wanted, *, seed:
     return out
 
 
+@torch.no_grad()
+def _autoencoder_metrics(loaded: Loaded) -> dict:
+    """An autoencoder on the test set: reconstruction error through the encoder's mean, KL per
+    latent dimension, and the latent scale factor of the training set (``ddpm_lib.latent``)."""
+    from ddpm_lib.latent import kl_to_standard_normal, latent_scale
+
+    ae, device = loaded.model, loaded.device
+    test_x = load_tensors(loaded.data, "test")[0]
+    rec, kl = [], []
+    for x in test_x.split(256):
+        x = x.to(device)
+        recon, mean, logvar = ae(x)
+        rec.append((recon - x).square().flatten(1).mean(1).cpu())
+        kl.append((kl_to_standard_normal(mean, logvar) / mean[0].numel()).cpu())
+    n = len(test_x)
+    scale = latent_scale(ae, load_tensors(loaded.data, "train")[0])
+    return {"reconstruction_mse": _row(float(torch.cat(rec).mean()), None, f"{n} test images, through the mean"),
+            "kl_per_latent_dim": _row(float(torch.cat(kl).mean()), None, "KL(q(z|x) || N(0, I)), test set"),
+            "latent_scale": _row(scale, None, "1 / std of the training set's latent means")}
+
+
 def evaluate(loaded: Loaded, *, n: int = 1000, sampler: str = "ddpm", steps: int | None = None, eta: float = 0.0,
              spacing: str = "trailing", seed: int = 0, metrics: set[str] | None = None, nll_batches: int = 1,
-             w: float | None = None) -> dict:
+             w: float | None = None, cascade: Loaded | None = None, aug_level: int = 0) -> dict:
     """Measure a model: ``{metric: {"value", "reference", "note"}}``.
 
     ``reference`` is the real-vs-real value at the same n (2-D metrics, Frechet distance, KID) or
@@ -315,7 +383,8 @@ def evaluate(loaded: Loaded, *, n: int = 1000, sampler: str = "ddpm", steps: int
     (2-D), fd, kid, acc, mem, bpd (images; :func:`applicable_metrics`) and acc (classifiers);
     default all that apply; those that do not apply are skipped (``ddpm eval`` refuses them).
     A denoiser is sampled by :func:`generate` (``n``, ``sampler``, ``steps``, ``eta``,
-    ``spacing``, ``seed``, ``w``); ``nll_batches`` test batches of 64 give bits/dim.
+    ``spacing``, ``seed``, ``w``; a super-resolution model with ``cascade`` and ``aug_level``);
+    ``nll_batches`` test batches of 64 give bits/dim.
     """
     from ddpm_lib.metrics import classifier_accuracy, compare_to_data
 
@@ -332,11 +401,14 @@ def evaluate(loaded: Loaded, *, n: int = 1000, sampler: str = "ddpm", steps: int
         diffusion = loaded.diffusion_config.build().to(loaded.device)
         return {f"test_accuracy_t{t}": _row(noisy_accuracy(loaded.model, diffusion, test_x, test_y, t, generator=g),
                                             None, "on x_t ~ q(x_t | x_0)") for t in NOISY_TS}
+    if loaded.kind == "autoencoder":
+        return _autoencoder_metrics(loaded)
     wanted = set(metrics or applicable_metrics(loaded)) & set(applicable_metrics(loaded))
     if not wanted:
         raise ValueError(f"{loaded.source}: none of the metrics {sorted(metrics or IMAGE_METRICS)} applies to a "
                          f"{loaded.kind} on {loaded.data.name!r} data")
-    x, y = generate(loaded, n, sampler=sampler, steps=steps, eta=eta, spacing=spacing, seed=seed, w=w)
+    x, y = generate(loaded, n, sampler=sampler, steps=steps, eta=eta, spacing=spacing, seed=seed, w=w,
+                    cascade=cascade, aug_level=aug_level)
     if loaded.kind != "mlp":
         return _image_metrics(loaded, x, y, wanted, seed=seed, nll_batches=nll_batches)
     out = {}
@@ -365,8 +437,8 @@ def training_metrics(data: DataConfig):
     if fc_name is None:
         return None
     fc = pretrained.load(fc_name)
-    train_x, _ = load_tensors(data, "train")
-    test_x, _ = load_tensors(data, "test")
+    train_x, _ = load_tensors(data.pixels(), "train")  # a latent model's grids arrive decoded
+    test_x, _ = load_tensors(data.pixels(), "test")
     f_test = extract_features(fc.features, test_x)
 
     def images(x: Tensor, y: Tensor | None) -> dict[str, float]:

@@ -26,7 +26,20 @@ from torch import Tensor
 from ddpm_lib.diffusion import alpha_bar_at
 from ddpm_lib.predictions import eps_x0_from_prediction, resolve_prediction, split_output
 
-__all__ = ["classifier_free", "classifier_guidance", "loss_guidance"]
+__all__ = ["classifier_free", "classifier_guidance", "loss_guidance", "scale_from_w", "w_from_scale"]
+
+
+def scale_from_w(w: float) -> float:
+    r"""The "guidance scale" :math:`s` of GLIDE, Imagen and diffusers for Ho and Salimans' weight
+    :math:`w`: :math:`\varepsilon(\varnothing) + s(\varepsilon(y) - \varepsilon(\varnothing)) = (1 + w)\varepsilon(y) - w\varepsilon(\varnothing)`
+    exactly when :math:`s = 1 + w` (pitfall 10; book chapter 11). ``w = 0`` (plain conditional) is ``s = 1``."""
+    return 1.0 + float(w)
+
+
+def w_from_scale(scale: float) -> float:
+    r"""Ho and Salimans' weight :math:`w = s - 1` for a "guidance scale" :math:`s` (inverse of
+    :func:`scale_from_w`): Stable Diffusion's default s = 7.5 is w = 6.5 in :func:`classifier_free`."""
+    return float(scale) - 1.0
 
 
 def _labels(y, x_t: Tensor) -> Tensor:

@@ -86,7 +86,7 @@ from ddpm_lib.checkpoint import (
     write_atomic,
 )
 from ddpm_lib.configs import LR_SCHEDULES, DiffusionConfig, TrainConfig, config_from_dict
-from ddpm_lib.data import check_range
+from ddpm_lib.data import Latents, check_range
 from ddpm_lib.diffusion import GaussianDiffusion
 from ddpm_lib.ema import ema_decay, ema_update, make_ema
 
@@ -211,12 +211,14 @@ class TrainingData:
     def __init__(self, data: Any, device: torch.device, *, num_classes: int | None = None, workers: int = 0):
         self.device, self.dataset, self.y, self.num_classes = device, None, None, num_classes
         self.pool = None
+        # latent codes (checked finite when made) are not images: no [-1, 1] range
+        checked = (lambda x, name: x) if isinstance(data, Latents) else check_range
         if isinstance(data, TensorDataset):
             data = tuple(data.tensors)
         if isinstance(data, Tensor):
             data = (data,)
         if isinstance(data, (tuple, list)) and len(data) in (1, 2) and all(isinstance(d, Tensor) for d in data):
-            self.x = check_range(data[0].float(), name="training data").to(device)
+            self.x = checked(data[0].float(), name="training data").to(device)
             if len(data) == 2:
                 if len(data[1]) != len(data[0]):
                     raise ValueError(f"{len(data[0])} examples but {len(data[1])} labels")

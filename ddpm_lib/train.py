@@ -64,7 +64,8 @@ SampleMetrics = Callable[[Tensor, "Tensor | None"], dict[str, float]]
 
 
 @torch.no_grad()
-def draw_samples(ema: nn.Module, diffusion, dcfg: DiffusionConfig, cfg: TrainConfig, shape, null_label):
+def draw_samples(ema: nn.Module, diffusion, dcfg: DiffusionConfig, cfg: TrainConfig, shape, null_label,
+                 model_kwargs: dict | None = None):
     """The sample grid's samples (CPU) and labels: ``cfg.num_samples`` from ONE fixed x_T.
 
     Deterministic DDIM (eta = 0, ``cfg.sample_steps`` steps; Song et al. 2020, arXiv 2010.02502,
@@ -80,7 +81,7 @@ def draw_samples(ema: nn.Module, diffusion, dcfg: DiffusionConfig, cfg: TrainCon
     n, steps = cfg.num_samples, min(cfg.sample_steps, diffusion.T)
     y = None if null_label is None else torch.arange(n, device=device) % null_label
     x = ddim_sample(ema, diffusion, (n, *shape), steps=steps, eta=0.0, prediction=dcfg.prediction,
-                    generator=torch.Generator(device).manual_seed(cfg.seed), y=y)
+                    generator=torch.Generator(device).manual_seed(cfg.seed), y=y, model_kwargs=model_kwargs)
     return x.float().cpu(), None if y is None else y.cpu()
 
 
@@ -118,11 +119,15 @@ def points_metrics(data: "Tensor | Callable[..., Tensor]", *, repeats: int = 5) 
     return metrics
 
 
-def _sample_record(ema, diffusion, dcfg, cfg, shape, null_label, path: Path, sample_metrics) -> dict[str, Any]:
-    """Draw the grid, write its picture, and return its log entries (path and metrics)."""
+def _sample_record(ema, diffusion, dcfg, cfg, shape, null_label, path: Path, sample_metrics,
+                   model_kwargs: dict | None = None, transform=None) -> dict[str, Any]:
+    """Draw the grid (mapped by ``transform``, e.g. decoded latents), write its picture, and
+    return its log entries (path and metrics)."""
     from ddpm_lib.viz import save_figure
 
-    x, y = draw_samples(ema, diffusion, dcfg, cfg, shape, null_label)
+    x, y = draw_samples(ema, diffusion, dcfg, cfg, shape, null_label, model_kwargs)
+    if transform is not None:
+        x = transform(x).float().cpu()
     save_figure(x, path)
     record: dict[str, Any] = {"samples": f"{path.parent.name}/{path.name}"}
     for name, value in (sample_metrics(x, y) if sample_metrics is not None else {}).items():
@@ -141,9 +146,10 @@ class DenoiserLoop(TrainLoop):
     uniform t, eps; the ``DiffusionConfig``'s loss), label dropout to the null label for
     classifier-free guidance (Ho & Salimans 2022), and the sample grids as its evaluation."""
 
-    def __init__(self, *args, sample_metrics: SampleMetrics | None = None, **kwargs):
+    def __init__(self, *args, sample_metrics: SampleMetrics | None = None, sample_transform=None, **kwargs):
         super().__init__(*args, **kwargs)
         self.sample_metrics, self.shape, self.warned_shape = sample_metrics, None, False
+        self.sample_transform = sample_transform
 
     def setup(self) -> None:
         super().setup()
@@ -154,13 +160,55 @@ class DenoiserLoop(TrainLoop):
             raise ValueError("label_dropout needs a class-conditional model (num_classes set in its config)")
         if self.sample_metrics is None and (points := self.source.points()) is not None:
             self.sample_metrics = points_metrics(points)
+        self._setup_superres()
         for net in (self.model, self.ema):  # the result samples without being told its prediction
             set_parameterization(net, prediction=self.dcfg.prediction, variance=self.dcfg.variance)
+
+    def _setup_superres(self) -> None:
+        """Check a super-resolution run's configs; keep the grid's low-resolution inputs."""
+        cfg, mc = self.cfg, self.model_config
+        self.superres, self.grid_kwargs = bool(mc.get("cond_channels")), None
+        if not self.superres:
+            if cfg.superres_factor or cfg.max_aug_level:
+                raise ValueError("train.superres_factor / train.max_aug_level need a super-resolution model "
+                                 "(model.cond_channels > 0)")
+            return
+        if not cfg.superres_factor:
+            raise ValueError("the model is a super-resolution model (model.cond_channels > 0): set "
+                             "train.superres_factor, the factor between its input and the conditioning image")
+        if cfg.max_aug_level and not mc.get("cond_augment"):
+            raise ValueError("train.max_aug_level > 0 needs model.cond_augment = true (the network must be told the level)")
+        if cfg.max_aug_level > self.diffusion.T:
+            raise ValueError(f"train.max_aug_level must be <= T = {self.diffusion.T}, got {cfg.max_aug_level}")
+        from ddpm_lib.superres import downsample
+
+        x0, _ = self.source.get(torch.arange(min(cfg.num_samples, len(self.source))))
+        z = downsample(x0, cfg.superres_factor)  # also checks the image size
+        reps = -(-cfg.num_samples // z.shape[0])
+        self.grid_kwargs = {"low_res": z.repeat(reps, 1, 1, 1)[: cfg.num_samples]}
+        if mc.get("cond_augment"):
+            self.grid_kwargs["aug_level"] = torch.zeros(cfg.num_samples, dtype=torch.long, device=z.device)
+
+    def _superres_kwargs(self, x0: Tensor) -> dict[str, Tensor]:
+        """low_res (and aug_level) of this rank's slice, drawn for the GLOBAL batch like t and eps."""
+        from ddpm_lib.superres import augment, downsample
+
+        cfg = self.cfg
+        z = downsample(x0, cfg.superres_factor)
+        if not self.model_config.get("cond_augment"):
+            return {"low_res": z}
+        n = cfg.batch_size
+        if not cfg.max_aug_level:
+            return {"low_res": z, "aug_level": torch.zeros(x0.shape[0], dtype=torch.long, device=x0.device)}
+        level = torch.randint(cfg.max_aug_level, (n,), generator=self.gens["noise"], device=self.device)
+        noise = torch.randn((n, *z.shape[1:]), generator=self.gens["noise"], device=self.device)
+        level, noise = distributed.shard(level, self.info), distributed.shard(noise, self.info)
+        return {"low_res": augment(z, level, self.diffusion, noise=noise.to(z.dtype)), "aug_level": level}
 
     def compute_loss(self, x0: Tensor, y: Tensor | None) -> Tensor:
         cfg, self.shape = self.cfg, x0.shape[1:]
         t, noise = self.timesteps_and_noise(x0)
-        kwargs = {}
+        kwargs = self._superres_kwargs(x0) if self.superres else {}
         if self.null_label is not None:
             if cfg.label_dropout:  # one mask for the global batch, like t and the noise
                 u = torch.rand(cfg.batch_size, generator=self.gens["label_dropout"], device=self.device)
@@ -175,10 +223,10 @@ class DenoiserLoop(TrainLoop):
 
     def evaluate(self) -> dict[str, Any]:
         """The sample grid of this step: its picture, path and ``sample_metrics``."""
-        if _drawable(self.shape):
+        if _drawable(self.shape) or self.sample_transform is not None:
             path = self.out_dir / "samples" / f"step_{self.step:07d}.png"
             return _sample_record(self.ema, self.diffusion, self.dcfg, self.cfg, self.shape, self.null_label, path,
-                                  self.sample_metrics)
+                                  self.sample_metrics, self.grid_kwargs, self.sample_transform)
         if not self.warned_shape:
             self.warned_shape = True
             warnings.warn(f"sample_every is ignored: samples of shape {list(self.shape)} cannot be drawn (2-D points "
@@ -187,7 +235,8 @@ class DenoiserLoop(TrainLoop):
 
 
 def train(model_config, diffusion_config, train_config, data, *, out_dir, resume: bool = True,
-          progress: bool = True, sample_metrics: SampleMetrics | None = None) -> TrainResult:
+          progress: bool = True, sample_metrics: SampleMetrics | None = None,
+          sample_transform: Callable[[Tensor], Tensor] | None = None) -> TrainResult:
     """Train a diffusion model; checkpoint to ``out_dir/checkpoint``, log to ``out_dir/log.jsonl``.
 
     Args:
@@ -201,8 +250,10 @@ def train(model_config, diffusion_config, train_config, data, *, out_dir, resume
         sample_metrics: ``f(samples, labels or None) -> {name: float}``, called on each sample
             grid (every ``sample_every`` steps) and logged with it; default :func:`points_metrics`
             for 2-D tensor data, none otherwise (the CLI passes feature-space metrics for images).
+        sample_transform: maps each grid's samples to images before they are drawn and measured:
+            the CLI passes the decoder of a latent model (``ddpm_lib.latent.decode_samples``).
     Returns a :class:`TrainResult` (its model and EMA carry the config's ``prediction`` and
     ``variance``). Raises :class:`TrainingDivergedError` when training diverges (``ddpm_lib.loop``).
     """
     return DenoiserLoop(model_config, diffusion_config, train_config, data, out_dir=out_dir, resume=resume,
-                        progress=progress, sample_metrics=sample_metrics).run()
+                        progress=progress, sample_metrics=sample_metrics, sample_transform=sample_transform).run()

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from ddpm_lib import book
+from ddpm_lib import book, checks
 from ddpm_lib.analytic import GaussianMixture
 
 
@@ -65,3 +65,23 @@ def single_thread():
     """
     with book.single_thread():
         yield
+
+
+READS = ("item", "__bool__", "__float__", "__int__", "__index__", "tolist", "numpy")
+
+
+@pytest.fixture
+def host_reads(monkeypatch):
+    """Counts every read of a tensor's value by the host, with the value checks switched to the
+    device path (``checks.on_host`` False), as on CUDA, where each read is a sync."""
+    count = [0]
+    for name in READS:
+        original = getattr(torch.Tensor, name)
+
+        def counted(self, *args, _original=original, **kwargs):
+            count[0] += 1
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    monkeypatch.setattr(checks, "on_host", lambda x: False)
+    return count

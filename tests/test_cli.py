@@ -512,3 +512,25 @@ def test_sample_and_eval_refuse_non_finite_weights_and_samples(tiny_run, tmp_pat
         line = _one_error_line(err)
         assert code == 1 and line.startswith(f"ddpm: error: {huge_run}: ") and "non-finite" in line, f"{name}: {line}"
         assert not (tmp_path / "s.png").exists(), name
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_export_ships_a_run_that_loads_back(dry_runs, tmp_path, dtype):
+    from safetensors.torch import load_file
+
+    from ddpm_lib import pretrained
+    from ddpm_lib.checkpoint import load_model
+
+    entry = pretrained.export(dry_runs / "digits", "tiny", root=tmp_path, dtype=dtype)
+    assert entry["dtype"] == dtype and pretrained.available(root=tmp_path) == ["tiny"]
+    stored = load_file(str(tmp_path / "tiny" / "model.safetensors"))
+    assert {v.dtype for v in stored.values()} == {getattr(torch, dtype)}
+    model, diffusion = pretrained.load("tiny", root=tmp_path)
+    reference, _ = load_model(dry_runs / "digits" / "checkpoint")
+    x, t = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(0)), torch.tensor([3, 900])
+    with torch.no_grad():
+        diff = (model(x, t) - reference(x, t)).abs().max().item()
+    # fp32 is a copy; fp16 rounds each weight to 11 significant bits
+    assert diff == 0.0 if dtype == "float32" else 0.0 < diff < 1e-2
+    with pytest.raises(ValueError, match="dtype"):
+        pretrained.export(dry_runs / "digits", "tiny", root=tmp_path, dtype="int8")

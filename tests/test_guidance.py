@@ -195,3 +195,20 @@ def test_missing_labels_raise(mixture, diffusion):
         classifier_free(conditional_model(mixture, diffusion), 1.0, NULL)(x, TIMESTEPS)
     with pytest.raises(ValueError, match="labels"):
         classifier_guidance(mixture.eps_model(diffusion), mixture.classifier(diffusion), diffusion, 1.0)(x, TIMESTEPS)
+
+
+def test_guidance_scale_and_w_conventions_agree(mixture, diffusion):
+    from ddpm_lib.guidance import scale_from_w, w_from_scale
+
+    assert scale_from_w(0.0) == 1.0 and w_from_scale(7.5) == 6.5
+    for w in (-1.0, 0.0, 0.5, 3.0):
+        assert w_from_scale(scale_from_w(w)) == w
+    # the diffusers-style combination with s = scale_from_w(w) is classifier_free with w
+    model = conditional_model(mixture, diffusion)
+    t = TIMESTEPS[:6]
+    x, y = noisy_points(mixture, diffusion, t), torch.arange(6) % 2
+    w = 2.0
+    s = scale_from_w(w)
+    uncond = model(x, t, torch.full_like(y, NULL))
+    ref = uncond + s * (model(x, t, y) - uncond)
+    torch.testing.assert_close(classifier_free(model, w, null_label=NULL)(x, t, y), ref, rtol=1e-6, atol=1e-6)

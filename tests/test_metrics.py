@@ -365,3 +365,22 @@ def test_bits_per_dim_is_the_diffusion_bound_not_a_copy():
     from ddpm_lib.losses import nll_bits_per_dim
 
     assert metrics.nll_bits_per_dim is nll_bits_per_dim
+
+
+def test_diversity_is_the_mean_pairwise_distance_within_classes():
+    f = torch.tensor([[0.0, 0.0], [3.0, 4.0], [10.0, 0.0], [10.0, 1.0], [10.0, 3.0]])
+    y = torch.tensor([0, 0, 1, 1, 1])
+    # class 0: one pair at distance 5; class 1: distances 1, 3, 2 -> mean 2
+    assert metrics.diversity(f, y) == pytest.approx((5.0 + 2.0) / 2, abs=1e-12)
+    pairs = [(i, j) for i in range(5) for j in range(5) if i != j]
+    assert metrics.diversity(f) == pytest.approx(sum(float((f[i] - f[j]).norm()) for i, j in pairs) / len(pairs))
+    # a collapsed class has none; scaling the features scales the diversity
+    assert metrics.diversity(torch.ones(6, 3)) == 0.0
+    assert metrics.diversity(2.5 * f, y) == pytest.approx(2.5 * metrics.diversity(f, y))
+
+
+def test_diversity_rejects_bad_input():
+    with pytest.raises(ValueError, match="one label per"):
+        metrics.diversity(torch.zeros(4, 2), torch.zeros(3, dtype=torch.long))
+    with pytest.raises(ValueError, match="at least two"):
+        metrics.diversity(torch.zeros(2, 2), torch.tensor([0, 1]))

@@ -10,7 +10,7 @@ import warnings
 import pytest
 import torch
 
-from ddpm_lib import checks, samplers
+from ddpm_lib import samplers
 from ddpm_lib.analytic import GaussianMixture
 from ddpm_lib.diffusion import GaussianDiffusion
 from ddpm_lib.guidance import classifier_free, classifier_guidance
@@ -177,26 +177,6 @@ def test_terminal_snr_warning_once_naming_the_value(mixture):
 
 
 # --- 3. no host reads inside the loops ------------------------------------------------------------
-
-READS = ("item", "__bool__", "__float__", "__int__", "__index__", "tolist", "numpy")
-
-
-@pytest.fixture
-def host_reads(monkeypatch):
-    """Counts every read of a tensor's value by the host, with the value checks switched to the
-    device path (``checks.on_host`` False), as on CUDA, where each read is a sync."""
-    count = [0]
-    for name in READS:
-        original = getattr(torch.Tensor, name)
-
-        def counted(self, *args, _original=original, **kwargs):
-            count[0] += 1
-            return _original(self, *args, **kwargs)
-
-        monkeypatch.setattr(torch.Tensor, name, counted)
-    monkeypatch.setattr(checks, "on_host", lambda x: False)
-    return count
-
 
 def small_net(**kw) -> torch.nn.Module:
     torch.manual_seed(0)

@@ -13,7 +13,7 @@ Every random function takes ``generator=`` (a ``torch.Generator`` or an int seed
 """
 
 from ddpm_lib.data.digits import DIGITS_NUM_LEVELS, digits_split_indices, load_digits_dataset
-from ddpm_lib.data.loading import LabelledImages, as_generator, check_range, infinite_loader
+from ddpm_lib.data.loading import LabelledImages, Latents, as_generator, check_range, infinite_loader
 from ddpm_lib.data.shapes import BACKGROUND, COLOURS, SHAPES, ShapeParams, ShapesDataset, draw_shape
 from ddpm_lib.data.toy2d import checkerboard, eight_gaussians, swiss_roll, two_moons
 from ddpm_lib.data.vision import (
@@ -27,5 +27,5 @@ __all__ = [
     "SHAPES", "COLOURS", "BACKGROUND", "ShapeParams", "draw_shape", "ShapesDataset",
     "TORCHVISION_SETS", "load_torchvision", "ImageFolderDataset", "ImageTransform", "to_model_range",
     "center_crop_square", "resize_image",
-    "check_range", "as_generator", "LabelledImages", "infinite_loader",
+    "check_range", "as_generator", "LabelledImages", "Latents", "infinite_loader",
 ]

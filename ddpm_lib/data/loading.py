@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset, TensorDataset, default_collate
 
-__all__ = ["check_range", "as_generator", "LabelledImages", "infinite_loader"]
+__all__ = ["check_range", "as_generator", "LabelledImages", "Latents", "infinite_loader"]
 
 
 def check_range(x: Tensor, *, low: float = -1.0, high: float = 1.0, name: str = "data", atol: float = 1e-6) -> Tensor:
@@ -42,6 +42,19 @@ def as_generator(generator: torch.Generator | int | None) -> torch.Generator | N
     if isinstance(generator, int) and not isinstance(generator, bool):
         return torch.Generator().manual_seed(generator)
     raise TypeError(f"generator must be a torch.Generator, an int seed or None, got {type(generator).__name__}")
+
+
+class Latents(TensorDataset):
+    """Latent codes [N, c, h, w] (scaled to unit standard deviation, ``ddpm_lib.latent``) with
+    labels [N]: not images, so not held to [-1, 1], only to finite values. The training loop
+    accepts them where it accepts images (latent diffusion, Rombach et al. 2022)."""
+
+    def __init__(self, latents: Tensor, labels: Tensor):
+        if not torch.isfinite(latents).all():
+            raise ValueError("latents contain NaN or inf")
+        if latents.shape[0] != labels.shape[0]:
+            raise ValueError(f"{latents.shape[0]} latents but {labels.shape[0]} labels")
+        super().__init__(latents, labels)
 
 
 class LabelledImages(TensorDataset):

@@ -5,7 +5,7 @@
                    the real-vs-real floor (``real_floor``, ``compare_to_data``)
 ``features``       images, in the feature space of the project's own classifier: Frechet
                    distance (not FID), KID's estimator, class accuracy of conditional samples,
-                   nearest-training-image memorisation ratio, ``extract_features``
+                   nearest-training-image memorisation ratio, ``diversity``, ``extract_features``
 =================  ============================================================================
 
 Negative log-likelihood in bits per dimension (the variational bound) is not re-implemented
@@ -21,6 +21,7 @@ from ddpm_lib.losses import nll_bits_per_dim
 from ddpm_lib.metrics.features import (
     MEMORIZATION_THRESHOLD,
     classifier_accuracy,
+    diversity,
     extract_features,
     feature_stats,
     frechet_distance,
@@ -59,6 +60,7 @@ __all__ = [
     "polynomial_mmd2",
     "classifier_accuracy",
     "memorization_ratio",
+    "diversity",
     "MEMORIZATION_THRESHOLD",
     "nll_bits_per_dim",
 ]

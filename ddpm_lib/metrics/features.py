@@ -27,6 +27,7 @@ __all__ = [
     "kid",
     "classifier_accuracy",
     "memorization_ratio",
+    "diversity",
     "MEMORIZATION_THRESHOLD",
 ]
 
@@ -205,6 +206,32 @@ def classifier_accuracy(classifier: Callable[[Tensor], Tensor], images: Tensor, 
                 x = x.to(device)
             correct += int((classifier(x).argmax(dim=1).cpu() == y.cpu()).sum())
     return correct / labels.shape[0]
+
+
+@torch.no_grad()
+def diversity(features: Tensor, labels: Tensor | None = None) -> float:
+    r"""Mean pairwise Euclidean distance between distinct samples, within each class if ``labels``.
+
+    .. math:: D = \frac{1}{|C|}\sum_{c \in C} \frac{1}{n_c(n_c - 1)} \sum_{i \ne j,\ y_i = y_j = c} \lVert f_i - f_j \rVert
+
+    ``features`` [N, F] (e.g. ``extract_features`` of samples), ``labels`` [N] or None (one class).
+    A generator that collapses each class onto a few images scores near 0; read the value beside
+    the same statistic of real images (guidance trades it for fidelity, chapters 10 and 11). The
+    mean is over classes with at least two samples; computed in float64.
+    """
+    f = torch.as_tensor(features).reshape(features.shape[0], -1).to(torch.float64)
+    y = torch.zeros(f.shape[0], dtype=torch.long) if labels is None else torch.as_tensor(labels).reshape(-1).cpu()
+    if y.shape[0] != f.shape[0]:
+        raise ValueError(f"need one label per feature row, got {f.shape[0]} rows and {y.shape[0]} labels")
+    per_class = []
+    for c in y.unique():
+        fc = f[(y == c).to(f.device)]
+        n = fc.shape[0]
+        if n >= 2:
+            per_class.append(float(torch.cdist(fc, fc).sum()) / (n * (n - 1)))
+    if not per_class:
+        raise ValueError("diversity needs at least two samples of one class")
+    return sum(per_class) / len(per_class)
 
 
 @torch.no_grad()

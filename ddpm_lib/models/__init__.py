@@ -1,4 +1,5 @@
-"""Networks of the book: the U-Net (chapter 6), a 2-D MLP (chapters 4-5), classifiers (chapter 10).
+"""Networks of the book: the U-Net (chapter 6), a 2-D MLP (chapters 4-5), classifiers (chapter 10),
+the autoencoder of latent diffusion (chapter 13).
 
 Every model is built from a frozen config dataclass whose JSON (``config.to_dict()``, with a
 ``"kind"`` field) rebuilds it exactly::
@@ -17,6 +18,7 @@ from typing import Any
 
 from torch import nn
 
+from ddpm_lib.models.autoencoder import Autoencoder, AutoencoderConfig
 from ddpm_lib.models.classifier import FeatureClassifier, FeatureClassifierConfig, NoisyClassifier, NoisyClassifierConfig
 from ddpm_lib.models.config import ModelConfig
 from ddpm_lib.models.embeddings import TimestepEmbedding, timestep_embedding
@@ -30,6 +32,7 @@ __all__ = [
     "timestep_embedding", "TimestepEmbedding", "ModelConfig",
     "UNetConfig", "UNet", "MLPConfig", "MLPDenoiser",
     "NoisyClassifierConfig", "NoisyClassifier", "FeatureClassifierConfig", "FeatureClassifier",
+    "AutoencoderConfig", "Autoencoder",
     "PRESETS", "ddpm_cifar10", "adm_like_cifar10", "digits8", "digits8_cond", "adm_like_digits8",
     "shapes32", "shapes32_cond",
     "MODEL_KINDS", "build_model", "model_from_config", "count_parameters",
@@ -41,11 +44,13 @@ MODEL_KINDS: dict[str, tuple[type[ModelConfig], type[nn.Module]]] = {
     "mlp": (MLPConfig, MLPDenoiser),
     "noisy_classifier": (NoisyClassifierConfig, NoisyClassifier),
     "feature_classifier": (FeatureClassifierConfig, FeatureClassifier),
+    "autoencoder": (AutoencoderConfig, Autoencoder),
 }
 
 
 def build_model(kind: str, config: dict[str, Any] | ModelConfig | None = None) -> nn.Module:
-    """Build a model of ``kind`` ("unet", "mlp", "noisy_classifier", "feature_classifier") from a
+    """Build a model of ``kind`` ("unet", "mlp", "noisy_classifier", "feature_classifier",
+    "autoencoder") from a
     config dict (missing keys take defaults) or config instance."""
     if kind not in MODEL_KINDS:
         raise ValueError(f"unknown model kind {kind!r}; known kinds: {sorted(MODEL_KINDS)}")

@@ -165,7 +165,9 @@ def build_down_path(cfg, emb_dim: int) -> tuple[nn.ModuleList, list[int]]:
     block, i.e. of every skip connection the decoder will consume.
     """
     ch = cfg.model_channels
-    blocks = nn.ModuleList([EmbedSequential(nn.Conv2d(cfg.in_channels, ch, 3, padding=1))])
+    # a U-Net conditioned on a low-resolution image sees it as extra input channels (SR3, cascaded diffusion)
+    in_ch = cfg.in_channels + getattr(cfg, "cond_channels", 0)
+    blocks = nn.ModuleList([EmbedSequential(nn.Conv2d(in_ch, ch, 3, padding=1))])
     skip_channels, res = [ch], cfg.image_size
     for level, mult in enumerate(cfg.channel_mult):
         for _ in range(cfg.num_res_blocks):

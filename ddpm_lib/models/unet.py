@@ -69,6 +69,12 @@ class UNetConfig(ModelConfig):
     ``num_classes + 1`` rows: row ``num_classes`` is the NULL label of classifier-free guidance
     (Ho & Salimans 2022). ``rescale_skip`` divides every residual sum by sqrt(2).
     ``norm_groups`` is the maximum GroupNorm group count (fewer where the width needs it).
+
+    ``cond_channels > 0`` makes a super-resolution model (Saharia et al. 2021, SR3; Ho et al.
+    2022, cascaded diffusion, sec. 3): it takes ``low_res=`` [B, cond_channels, h, w], which is
+    upsampled to ``image_size`` and concatenated to x_t. ``cond_augment`` adds an embedding of
+    ``aug_level=`` [B], the timestep at which that low-resolution image was noised (noise
+    conditioning augmentation, Ho et al. 2022, sec. 4.3); see ``ddpm_lib.superres``.
     """
 
     kind: ClassVar[str] = "unet"
@@ -89,11 +95,17 @@ class UNetConfig(ModelConfig):
     num_classes: int | None = None
     learn_sigma: bool = False
     norm_groups: int = 32
+    cond_channels: int = 0
+    cond_augment: bool = False
 
     def validate(self) -> None:
         validate_unet_geometry(self)
         if self.out_channels is not None and self.out_channels < 1:
             self._fail("out_channels", "must be None or >= 1")
+        if self.cond_channels < 0:
+            self._fail("cond_channels", "must be >= 0 (0: no low-resolution conditioning image)")
+        if self.cond_augment and not self.cond_channels:
+            self._fail("cond_augment", "needs cond_channels > 0 (it embeds the noise level of the low-resolution input)")
 
     @property
     def output_channels(self) -> int:
@@ -145,6 +157,7 @@ class UNet(nn.Module):
         emb_dim = 4 * config.model_channels
         self.time_embed = TimestepEmbedding(config.model_channels, emb_dim)
         self.label_embed = nn.Embedding(config.num_classes + 1, emb_dim) if config.num_classes else None
+        self.aug_embed = TimestepEmbedding(config.model_channels, emb_dim) if config.cond_augment else None
         self.input_blocks, skip_channels = build_down_path(config, emb_dim)
         self.middle_block = build_middle(config, skip_channels[-1], emb_dim)
         self.output_blocks, ch = build_up_path(config, skip_channels, emb_dim)
@@ -156,6 +169,18 @@ class UNet(nn.Module):
         """The reserved label of the unconditional prediction (classifier-free guidance)."""
         return self.config.num_classes
 
+    def _conditioning_image(self, low_res: Tensor | None, x: Tensor) -> Tensor:
+        c = self.config
+        if low_res is None:
+            raise ValueError(f"UNet has cond_channels={c.cond_channels}: pass low_res= "
+                             f"[B, {c.cond_channels}, h, w] (the low-resolution image it refines)")
+        if low_res.ndim != 4 or low_res.shape[0] != x.shape[0] or low_res.shape[1] != c.cond_channels:
+            raise ValueError(f"UNet expects low_res of shape [{x.shape[0]}, {c.cond_channels}, h, w], "
+                             f"got {tuple(low_res.shape)}")
+        if low_res.shape[-2:] != x.shape[-2:]:
+            low_res = nn.functional.interpolate(low_res, size=x.shape[-2:], mode="bilinear", align_corners=False)
+        return low_res.to(x.dtype)
+
     def check_input(self, x: Tensor) -> None:
         c = self.config
         want = (c.in_channels, c.image_size, c.image_size)
@@ -163,13 +188,18 @@ class UNet(nn.Module):
             raise ValueError(f"UNet expects x of shape [B, {want[0]}, {want[1]}, {want[2]}] "
                              f"(in_channels={c.in_channels}, image_size={c.image_size}), got {tuple(x.shape)}")
 
-    def forward(self, x: Tensor, t: Tensor, y: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, t: Tensor, y: Tensor | None = None, low_res: Tensor | None = None,
+                aug_level: Tensor | None = None) -> Tensor:
         """Predict the noise (and variance channels if ``learn_sigma``).
 
         Args:
             x: [B, C, H, W] noisy images x_t.
             t: [B] ORIGINAL-schedule timesteps, 0-based.
             y: [B] labels in [0, num_classes] (required iff the model is class-conditional).
+            low_res: [B, cond_channels, h, w] conditioning image (required iff ``cond_channels``),
+                upsampled (bilinear) to H x W.
+            aug_level: [B] timesteps at which ``low_res`` was noised (required iff ``cond_augment``;
+                0-based like ``t``, ``ddpm_lib.superres.augment``).
         Returns:
             [B, output_channels, H, W].
         """
@@ -179,7 +209,20 @@ class UNet(nn.Module):
         emb = self.time_embed(t.to(x.device))
         if self.label_embed is not None:
             emb = emb + self.label_embed(y)
-        h, skips = x, []
+        if self.config.cond_channels:
+            h = torch.cat([x, self._conditioning_image(low_res, x)], dim=1)
+        elif low_res is not None:
+            raise ValueError("UNet was given low_res but has cond_channels=0 (not a super-resolution model)")
+        else:
+            h = x
+        if self.aug_embed is not None:
+            if aug_level is None:
+                raise ValueError("UNet has cond_augment: pass aug_level= (a LongTensor [B], the timestep the "
+                                 "low-resolution input was noised to; 0 for a clean one)")
+            emb = emb + self.aug_embed(check_timesteps(aug_level, x.shape[0], "UNet (aug_level)").to(x.device))
+        elif aug_level is not None:
+            raise ValueError("UNet was given aug_level but has no cond_augment")
+        skips = []
         for block in self.input_blocks:
             h = block(h, emb)
             skips.append(h)

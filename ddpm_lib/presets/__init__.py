@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.utils.data import TensorDataset
 
 from ddpm_lib.configs import DiffusionConfig, TrainConfig, _JSONConfig
 from ddpm_lib.data import (
@@ -43,10 +44,14 @@ from ddpm_lib.data import (
 from ddpm_lib.models import MODEL_KINDS, ModelConfig
 
 __all__ = ["DataConfig", "RunConfig", "preset_names", "load_run_config", "apply_overrides", "dry_run",
-           "load_data", "load_tensors", "toy_sampler", "DATASETS", "TOYS", "VISION_SETS", "DENOISERS", "CLASSIFIERS"]
+           "load_data", "load_tensors", "toy_sampler", "DATASETS", "TOYS", "VISION_SETS", "DENOISERS", "CLASSIFIERS",
+           "AUTOENCODERS", "NOT_DENOISERS"]
 
 DENOISERS = ("unet", "mlp")
 CLASSIFIERS = ("feature_classifier", "noisy_classifier")
+AUTOENCODERS = ("autoencoder",)
+# models that are not sampled: loaded alone (no chain), trained and evaluated by their own loops
+NOT_DENOISERS = CLASSIFIERS + AUTOENCODERS
 
 
 # Image sets read from files through torchvision / Pillow (the ``vision`` extra): name -> native channels
@@ -66,6 +71,14 @@ class DataConfig(_JSONConfig):
       Images are centre-cropped and resized to ``image_size`` (MNIST's 28 becomes 32, the size
       a U-Net with three halvings needs) and converted to ``channels`` (default: the set's
       own, 1 for the MNISTs, 3 otherwise). ``n`` and ``seed`` are unused: every file is used.
+    * ``downsample`` (digits and shapes) shrinks the images by block means
+      (``ddpm_lib.superres.downsample``): ``downsample = 2`` turns the 8x8 digits into the 4x4
+      images of a cascade's first stage (chapter 12). The file-based sets resize with
+      ``image_size`` instead.
+    * ``encoder`` (an autoencoder: a pretrained name or a checkpoint path) turns the images into
+      latents for latent diffusion (chapter 13): the encoder's means times the scale that gives
+      the training split's latents unit standard deviation (``ddpm_lib.latent``). The metrics
+      decode samples and compare them with the images, :meth:`pixels`.
     """
 
     name: str = "swiss_roll"
@@ -75,36 +88,59 @@ class DataConfig(_JSONConfig):
     root: str | None = None
     download: bool = False
     channels: int | None = None
+    downsample: int = 1
+    encoder: str | None = None
 
     def validate(self) -> None:
         self._require(self.name in DATASETS, "name", f"must be one of {sorted(DATASETS)}")
         self._require(self.n >= 1, "n", "must be >= 1")
         self._require(self.image_size >= 1, "image_size", "must be >= 1")
         self._require(self.channels in (None, 1, 3), "channels", "must be null (the data's own), 1 or 3")
+        self._require(self.downsample >= 1, "downsample", "must be >= 1")
+        if self.downsample > 1:
+            self._require(self.name in ("digits", "shapes"), "downsample",
+                          "applies to the digits and shapes only (the file-based sets resize with image_size)")
+            side = 8 if self.name == "digits" else self.image_size
+            self._require(side % self.downsample == 0, "downsample", f"must divide the image side {side}")
+        self._require(self.encoder is None or self.name not in TOYS, "encoder", "applies to images, not 2-D points")
         if self.name in VISION_SETS:
             self._require(self.root is not None, "root", f"must name the folder {self.name!r} is read from")
         self._require(not (self.download and self.name not in TORCHVISION_SETS), "download",
                       f"only applies to {sorted(TORCHVISION_SETS)}")
 
+    def pixels(self) -> "DataConfig":
+        """The same data as images (without the ``encoder``): what the metrics compare with."""
+        return self.replace(encoder=None) if self.encoder is not None else self
+
     def image_shape(self) -> tuple[int, int, int] | None:
-        """(C, H, W) of the images this data gives; None for 2-D points."""
+        """(C, H, W) of the images (or, with an ``encoder``, of the latents) this data gives; None
+        for 2-D points."""
+        if self.encoder is not None:
+            from ddpm_lib.latent import encoder_config
+
+            return encoder_config(self.encoder).latent_shape
         if self.name in TOYS:
             return None
         if self.name == "digits":
-            return (1, 8, 8)
+            return (1, 8 // self.downsample, 8 // self.downsample)
         native = VISION_SETS.get(self.name, 3)  # shapes: RGB
-        return (self.channels or native, self.image_size, self.image_size)
+        side = self.image_size // self.downsample
+        return (self.channels or native, side, side)
 
 
 def _digits(cfg: DataConfig, split: str):
+    from ddpm_lib.superres import downsample
+
     ds = load_digits_dataset(split)
-    return ds.images, ds.labels
+    return downsample(ds.images, cfg.downsample), ds.labels
 
 
 def _shapes(cfg: DataConfig, split: str):
+    from ddpm_lib.superres import downsample
+
     n, seed = (cfg.n, cfg.seed) if split == "train" else (max(cfg.n // 5, 500), cfg.seed + 10_000)
     ds = ShapesDataset(n, image_size=cfg.image_size, seed=seed).to_tensors()
-    return ds.images, ds.labels
+    return downsample(ds.images, cfg.downsample), ds.labels
 
 
 def _torchvision(cfg: DataConfig, split: str):
@@ -151,6 +187,10 @@ def load_data(cfg: DataConfig, split: str = "train"):
     digits' or torchvision's test split, or a fresh draw from another seed)."""
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    if cfg.encoder is not None:
+        from ddpm_lib.latent import encoded_data
+
+        return encoded_data(cfg, split)
     return DATASETS[cfg.name](cfg, split)
 
 
@@ -159,6 +199,8 @@ def load_tensors(cfg: DataConfig, split: str = "train") -> tuple[torch.Tensor, .
     data = load_data(cfg, split)
     if isinstance(data, tuple):
         return data
+    if isinstance(data, TensorDataset):  # e.g. latents: already tensors
+        return tuple(data.tensors)
     items = [data[i] for i in range(len(data))]
     return torch.stack([x for x, _ in items]), torch.tensor([int(y) for _, y in items], dtype=torch.long)
 
@@ -287,7 +329,8 @@ def dry_run(run: RunConfig) -> RunConfig:
             "noisy_classifier": {"model_channels": 16, "num_res_blocks": 1, "norm_groups": 8},
             "mlp": {"hidden_dim": 32, "num_layers": 2, "time_embed_dim": 16},
             "feature_classifier": {"channels": [8] * len(getattr(m, "channels", ())), "feature_dim": 16,
-                                   "norm_groups": 8}}[m.kind]
+                                   "norm_groups": 8},
+            "autoencoder": {"channels": [8] * len(getattr(m, "channels", ())), "norm_groups": 8}}[m.kind]
     return dataclasses.replace(
         run, data=run.data.replace(n=min(run.data.n, 256)), model=m.replace(**tiny),
         train=run.train.replace(steps=3, batch_size=16, warmup_steps=0, log_every=1, sample_every=0,

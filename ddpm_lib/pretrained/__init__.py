@@ -1,7 +1,8 @@
 """Pretrained models of the book, trained on a CPU with ``ddpm train`` and measured with ``ddpm eval``.
 
 Each model is a folder ``<name>/`` with ``config.json`` (the whole run config: data, model,
-diffusion, train, and the step) and ``model.safetensors`` (the EMA weights, fp32). Beside them,
+diffusion, train, and the step) and ``model.safetensors`` (the EMA weights, fp32 or fp16, as the
+manifest's ``dtype`` says). Beside them,
 ``manifest.json`` records for every model the exact training command, seed, steps, measured wall
 time, the metrics ``ddpm eval`` measured, and the size and SHA-256 of each file::
 
@@ -28,7 +29,7 @@ from safetensors.torch import load_file, save_file
 
 from ddpm_lib.checkpoint import CheckpointError, load_checkpoint, load_state_dict, ready_to_sample, sha256_file
 from ddpm_lib.models import model_from_config
-from ddpm_lib.presets import CLASSIFIERS, RunConfig
+from ddpm_lib.presets import NOT_DENOISERS, RunConfig
 
 __all__ = ["available", "load", "run_config", "manifest", "PretrainedError", "export", "FILES"]
 
@@ -83,7 +84,8 @@ def load(name: str, device: str | torch.device = "cpu", *, root: str | os.PathLi
     Returns ``(model, diffusion)`` for a denoiser, ready to sample: the chain on ``device`` and
     the model carrying its ``prediction`` and ``variance`` (``checkpoint.ready_to_sample``); the
     classifier alone for the classifiers (``digits_features``, ``shapes_features``,
-    ``digits_noisy_classifier``; guide with the denoiser's chain). ``root`` is a folder laid out
+    ``digits_noisy_classifier``; guide with the denoiser's chain), the autoencoder alone for an
+    autoencoder. ``root`` is a folder laid out
     like this package (for tests).
     """
     run = run_config(name, root=root)
@@ -91,24 +93,36 @@ def load(name: str, device: str | torch.device = "cpu", *, root: str | os.PathLi
     model = model_from_config(run.model)
     load_state_dict(model, load_file(str(folder / "model.safetensors")), folder / "model.safetensors")
     model, diffusion = ready_to_sample(model, run.kind, run.diffusion, device)
-    return model if run.kind in CLASSIFIERS else (model, diffusion)
+    return model if run.kind in NOT_DENOISERS else (model, diffusion)
+
+
+_STORED_DTYPES = {"float32": torch.float32, "float16": torch.float16}
 
 
 def export(run_dir: str | os.PathLike, name: str, *, eval_json: str | os.PathLike | None = None,
-           root: str | os.PathLike | None = None) -> dict[str, Any]:
+           root: str | os.PathLike | None = None, dtype: str = "float32") -> dict[str, Any]:
     """Maintainers: copy a ``ddpm train`` run's EMA weights and config into ``<root>/<name>/`` and
     record it in the manifest, with the run's command and wall time (``run.json``) and the
-    metrics of ``ddpm eval --json`` (``eval_json``). Returns the manifest entry."""
+    metrics of ``ddpm eval --json`` (``eval_json``). Returns the manifest entry.
+
+    ``dtype="float16"`` halves the file (the shipped weights have a size budget); :func:`load`
+    casts back to the model's float32 parameters. Measure the stored model (``eval_json`` of
+    the exported copy) before shipping it: fp16 keeps 11 significant bits."""
+    if dtype not in _STORED_DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(_STORED_DTYPES)}, got {dtype!r}")
     run_dir, folder = Path(run_dir), _root(root) / name
     info = json.loads((run_dir / "run.json").read_text())
     ck = load_checkpoint(run_dir, training_state=False)
     folder.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.float().contiguous() for k, v in ck.ema.items()}, str(folder / "model.safetensors"))
+    stored = _STORED_DTYPES[dtype]
+    # integer buffers (none today) would keep their dtype; only floating weights are cast
+    save_file({k: (v.to(stored) if v.is_floating_point() else v).contiguous() for k, v in ck.ema.items()},
+              str(folder / "model.safetensors"))
     (folder / "config.json").write_text(json.dumps({"name": name, "step": ck.step, **info["config"]}, indent=2) + "\n")
     entry = {
         "name": name, "kind": info["config"]["model"]["kind"], "config": info["preset"], "command": info["command"],
         "seed": info["config"]["train"]["seed"], "steps": ck.step, "wall_time_s": round(info["wall_time_s"], 1),
-        "trained_on": info.get("machine", ""), "metrics": {}, "eval_command": None,
+        "trained_on": info.get("machine", ""), "dtype": dtype, "metrics": {}, "eval_command": None,
         "files": {f: {"bytes": (folder / f).stat().st_size, "sha256": sha256_file(folder / f)} for f in FILES},
     }
     if eval_json is not None:
