@@ -356,16 +356,12 @@ def _image_metrics(loaded: Loaded, x: Tensor, y: Tensor | None, wanted, *, seed:
 def _autoencoder_metrics(loaded: Loaded) -> dict:
     """An autoencoder on the test set: reconstruction error through the encoder's mean, KL per
     latent dimension, and the latent scale factor of the training set (``ddpm_lib.latent``)."""
-    from ddpm_lib.latent import kl_to_standard_normal, latent_scale
+    from ddpm_lib.latent import autoencoder_losses, latent_scale
 
     ae, device = loaded.model, loaded.device
     test_x = load_tensors(loaded.data, "test")[0]
-    rec, kl = [], []
-    for x in test_x.split(256):
-        x = x.to(device)
-        recon, mean, logvar = ae(x)
-        rec.append((recon - x).square().flatten(1).mean(1).cpu())
-        kl.append((kl_to_standard_normal(mean, logvar) / mean[0].numel()).cpu())
+    terms = [autoencoder_losses(ae, x.to(device), None) for x in test_x.split(256)]
+    rec, kl = [t["recon"].cpu() for t in terms], [t["kl"].cpu() for t in terms]
     n = len(test_x)
     scale = latent_scale(ae, load_tensors(loaded.data, "train")[0])
     return {"reconstruction_mse": _row(float(torch.cat(rec).mean()), None, f"{n} test images, through the mean"),

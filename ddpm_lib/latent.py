@@ -40,9 +40,10 @@ def kl_to_standard_normal(mean: Tensor, logvar: Tensor) -> Tensor:
     return 0.5 * (mean.square() + logvar.exp() - 1.0 - logvar).flatten(1).sum(dim=1)
 
 
-def autoencoder_losses(autoencoder: nn.Module, x: Tensor, noise: Tensor) -> dict[str, Tensor]:
+def autoencoder_losses(autoencoder: nn.Module, x: Tensor, noise: Tensor | None) -> dict[str, Tensor]:
     r"""Per-example terms [B] of the autoencoder's objective on images ``x``, with the latent drawn
-    by the reparameterisation :math:`z = \mu + \sigma\,\varepsilon` from ``noise`` (latent-shaped):
+    by the reparameterisation :math:`z = \mu + \sigma\,\varepsilon` from ``noise`` (latent-shaped;
+    None decodes the mean, as evaluation does):
     ``"recon"`` the mean squared error per pixel, ``"kl"`` the KL per latent dimension, ``"loss"``
     = recon + ``kl_weight`` * kl (``kl_weight`` from the model's config)."""
     recon, mean, logvar = autoencoder(x, noise)

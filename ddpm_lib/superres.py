@@ -25,7 +25,8 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
-__all__ = ["downsample", "upsample", "augment", "conditioning", "superres_losses", "superres_sample"]
+__all__ = ["downsample", "upsample", "augment", "conditioning", "training_conditioning", "superres_losses",
+           "superres_sample"]
 
 
 def _factor(factor: int) -> int:
@@ -43,7 +44,7 @@ def downsample(x: Tensor, factor: int) -> Tensor:
 
 
 def upsample(z: Tensor, size: int | tuple[int, int]) -> Tensor:
-    """``z`` [B, C, h, w] resized to ``size`` bilinearly: the input the U-Net concatenates (for plots)."""
+    """``z`` [B, C, h, w] resized to ``size`` bilinearly: what the U-Net concatenates to x_t."""
     return F.interpolate(z, size=size, mode="bilinear", align_corners=False)
 
 
@@ -77,6 +78,21 @@ def conditioning(model, z: Tensor, aug_level, diffusion, *, generator: torch.Gen
     return {"low_res": augment(z, level, diffusion, generator=generator), "aug_level": level.clamp(min=0)}
 
 
+def training_conditioning(x0: Tensor, factor: int, diffusion, *, cond_augment: bool, aug_level: Tensor | None = None,
+                          aug_noise: Tensor | None = None) -> dict[str, Tensor]:
+    r"""The ``model_kwargs`` of a super-resolution model trained on high-resolution ``x0``:
+    ``low_res`` :math:`= D(x_0)` (:func:`downsample`), noised to the levels ``aug_level`` [B] with
+    ``aug_noise`` when given (noise conditioning augmentation), and, for a ``cond_augment`` model,
+    ``aug_level`` itself (zeros for clean conditioning). Used by :func:`superres_losses` and by the
+    training loop (``ddpm_lib.train``), which draws the levels and noise for the global batch."""
+    z = downsample(x0, factor)
+    if not cond_augment:
+        return {"low_res": z}
+    if aug_level is None:
+        return {"low_res": z, "aug_level": torch.zeros(x0.shape[0], dtype=torch.long, device=x0.device)}
+    return {"low_res": augment(z, aug_level, diffusion, noise=aug_noise), "aug_level": aug_level}
+
+
 def superres_losses(diffusion, model, x0: Tensor, t: Tensor, *, factor: int, max_aug_level: int = 0,
                     noise: Tensor | None = None, aug_level: Tensor | None = None, aug_noise: Tensor | None = None,
                     generator: torch.Generator | None = None, model_kwargs: dict | None = None,
@@ -87,26 +103,25 @@ def superres_losses(diffusion, model, x0: Tensor, t: Tensor, *, factor: int, max
     augmentation), then :meth:`GaussianDiffusion.training_losses` of x0 at ``t`` with
     ``low_res = z_s`` (and ``aug_level = s``). Random draws come from ``noise``/``aug_level``/
     ``aug_noise`` or ``generator``."""
-    if max_aug_level and not getattr(getattr(model, "config", None), "cond_augment", False):
+    cond_augment = getattr(getattr(model, "config", None), "cond_augment", False)
+    if max_aug_level and not cond_augment:
         raise ValueError("max_aug_level > 0 needs a model with cond_augment (it must be told the level)")
     if not 0 <= max_aug_level <= diffusion.T:
         raise ValueError(f"max_aug_level must lie in [0, T = {diffusion.T}], got {max_aug_level}")
-    z = downsample(x0, factor)
-    kwargs = dict(model_kwargs or {})
     if max_aug_level:
+        if (aug_level is None or aug_noise is None) and generator is None:
+            raise ValueError("superres_losses needs aug_level= and aug_noise=, or generator=, to draw the "
+                             "augmentation level and noise the low-resolution input")
         if aug_level is None:
-            if generator is None:
-                raise ValueError("superres_losses needs aug_level= or generator= to draw the augmentation level")
             aug_level = torch.randint(max_aug_level, (x0.shape[0],), generator=generator,
                                       device=generator.device).to(x0.device)
-        if aug_noise is None and generator is None:
-            raise ValueError("superres_losses needs aug_noise= or generator= to noise the low-resolution input")
-        kwargs.update(low_res=augment(z, aug_level, diffusion, noise=aug_noise, generator=generator),
-                      aug_level=aug_level)
-    else:
-        kwargs["low_res"] = z
-        if getattr(getattr(model, "config", None), "cond_augment", False):
-            kwargs["aug_level"] = torch.zeros(x0.shape[0], dtype=torch.long, device=x0.device)
+        if aug_noise is None:
+            c, h, w = x0.shape[1], x0.shape[2] // factor, x0.shape[3] // factor
+            aug_noise = torch.randn((x0.shape[0], c, h, w), generator=generator, device=generator.device,
+                                    dtype=x0.dtype).to(x0.device)
+    kwargs = {**(model_kwargs or {}),
+              **training_conditioning(x0, factor, diffusion, cond_augment=cond_augment,
+                                      aug_level=aug_level if max_aug_level else None, aug_noise=aug_noise)}
     return diffusion.training_losses(model, x0, t, noise, model_kwargs=kwargs, generator=generator, **loss_kwargs)
 
 

@@ -180,30 +180,27 @@ class DenoiserLoop(TrainLoop):
             raise ValueError("train.max_aug_level > 0 needs model.cond_augment = true (the network must be told the level)")
         if cfg.max_aug_level > self.diffusion.T:
             raise ValueError(f"train.max_aug_level must be <= T = {self.diffusion.T}, got {cfg.max_aug_level}")
-        from ddpm_lib.superres import downsample
+        from ddpm_lib.superres import training_conditioning
 
         x0, _ = self.source.get(torch.arange(min(cfg.num_samples, len(self.source))))
-        z = downsample(x0, cfg.superres_factor)  # also checks the image size
-        reps = -(-cfg.num_samples // z.shape[0])
-        self.grid_kwargs = {"low_res": z.repeat(reps, 1, 1, 1)[: cfg.num_samples]}
-        if mc.get("cond_augment"):
-            self.grid_kwargs["aug_level"] = torch.zeros(cfg.num_samples, dtype=torch.long, device=z.device)
+        x0 = x0.repeat(-(-cfg.num_samples // x0.shape[0]), 1, 1, 1)[: cfg.num_samples]
+        # the grid refines clean low-resolution versions of training images (also checks the size)
+        self.grid_kwargs = training_conditioning(x0, cfg.superres_factor, self.diffusion,
+                                                 cond_augment=bool(mc.get("cond_augment")))
 
     def _superres_kwargs(self, x0: Tensor) -> dict[str, Tensor]:
         """low_res (and aug_level) of this rank's slice, drawn for the GLOBAL batch like t and eps."""
-        from ddpm_lib.superres import augment, downsample
+        from ddpm_lib.superres import training_conditioning
 
-        cfg = self.cfg
-        z = downsample(x0, cfg.superres_factor)
-        if not self.model_config.get("cond_augment"):
-            return {"low_res": z}
-        n = cfg.batch_size
-        if not cfg.max_aug_level:
-            return {"low_res": z, "aug_level": torch.zeros(x0.shape[0], dtype=torch.long, device=x0.device)}
-        level = torch.randint(cfg.max_aug_level, (n,), generator=self.gens["noise"], device=self.device)
-        noise = torch.randn((n, *z.shape[1:]), generator=self.gens["noise"], device=self.device)
-        level, noise = distributed.shard(level, self.info), distributed.shard(noise, self.info)
-        return {"low_res": augment(z, level, self.diffusion, noise=noise.to(z.dtype)), "aug_level": level}
+        cfg, factor = self.cfg, self.cfg.superres_factor
+        level = noise = None
+        if cfg.max_aug_level:
+            n, (c, h, w) = cfg.batch_size, x0.shape[1:]
+            level = torch.randint(cfg.max_aug_level, (n,), generator=self.gens["noise"], device=self.device)
+            noise = torch.randn((n, c, h // factor, w // factor), generator=self.gens["noise"], device=self.device)
+            level, noise = distributed.shard(level, self.info), distributed.shard(noise, self.info).to(x0.dtype)
+        return training_conditioning(x0, factor, self.diffusion, cond_augment=bool(self.model_config.get("cond_augment")),
+                                     aug_level=level, aug_noise=noise)
 
     def compute_loss(self, x0: Tensor, y: Tensor | None) -> Tensor:
         cfg, self.shape = self.cfg, x0.shape[1:]
